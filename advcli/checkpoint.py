@@ -1,0 +1,122 @@
+"""Checkpoints: written atomically, loaded as data (never code), and able to rebuild their model.
+
+A checkpoint is a dict of tensors and plain Python values::
+
+    format: "advcli-checkpoint", version: 1
+    model: state_dict            model_spec: {name, options, in_channels, image_size, num_classes, mean, std}
+    optimizer, scheduler, scaler: state_dicts (for resuming)
+    epoch: completed epochs      rng: torch RNG states
+    config: the resolved run config (plain dict)      history: per-epoch metrics
+
+It is loaded with ``torch.load(..., weights_only=True)``, which refuses anything but tensors and
+plain containers, and the model is rebuilt by name from advcli's own registry, so a checkpoint
+cannot make advcli import or run anything.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advcli import models
+from advcli.errors import UserError
+
+FORMAT = "advcli-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, damaged, not advcli's, or does not fit the model or data."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, then move the file into place: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """Save ``payload`` (tensors moved to the CPU) atomically, stamped with the format and version."""
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load an advcli checkpoint as data, or raise a CheckpointError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist. Pass the checkpoint.pt written in a run directory, e.g. "
+            "ckpt=outputs/DATE/TIME/checkpoint.pt."
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"Checkpoint {path} was refused: it holds Python objects other than tensors and plain data "
+            f"({first_line}). advcli loads checkpoints with weights_only=True so that a file can never run "
+            "code; only load files written by advcli."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"Checkpoint {path} cannot be read: it is truncated or not a PyTorch file ({type(error).__name__}). "
+            "A run killed while saving leaves the previous checkpoint intact; use that one, or train again."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"Checkpoint {path} is not an advcli checkpoint (no '{FORMAT}' marker). advcli can only evaluate "
+            "checkpoints written by `advcli train`."
+        )
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"Checkpoint {path} has format version {payload['version']}, newer than this advcli understands "
+            f"({VERSION}); upgrade advcli."
+        )
+    return payload
+
+
+def model_spec(name: str, options: dict[str, Any], *, in_channels: int, image_size: int, num_classes: int,
+               mean, std) -> dict[str, Any]:
+    """Everything `build_model` needs, as plain data."""
+    return {"name": name, "options": dict(options), "in_channels": in_channels, "image_size": image_size,
+            "num_classes": num_classes, "mean": list(mean), "std": list(std)}
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Build an untrained model from a model spec (name looked up in advcli's registry)."""
+    return models.build_model(spec["name"], in_channels=spec["in_channels"], image_size=spec["image_size"],
+                              num_classes=spec["num_classes"], mean=spec["mean"], std=spec["std"],
+                              **spec.get("options", {}))
+
+
+def rebuild_model(payload: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
+    """The trained model of a loaded checkpoint, on the CPU, in eval mode."""
+    spec = payload.get("model_spec")
+    if not isinstance(spec, dict) or "model" not in payload:
+        raise CheckpointError(f"Checkpoint {path} has no model in it; it was not written by `advcli train`.")
+    model = build_from_spec(spec)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(
+            f"Checkpoint {path} does not fit the model it names ({spec['name']}, {spec['num_classes']} classes, "
+            f"{spec['in_channels']}x{spec['image_size']}x{spec['image_size']} inputs): {detail}"
+        ) from None
+    return model.eval()

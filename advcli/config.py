@@ -1,0 +1,196 @@
+"""Config values as the user types them -> checked plain values, before any work starts.
+
+Hydra hands us strings like ``eps=8/255``; this module turns them into numbers with
+`fractions.Fraction` (never `eval`) and checks every value a run depends on, so that bad input
+stops the run at once with a one-paragraph `ConfigError` instead of failing an hour later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from advcli.errors import ConfigError
+
+NORMS = ("linf", "l2")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+LR_SCHEDULES = ("constant", "onecycle", "cosine")
+ATTACK_MODES = ("train", "eval")
+
+
+def parse_eps(value: Any, *, norm: str = "linf", dim: int | None = None) -> float:
+    """Parse an epsilon as typed (``8/255``, ``0.03137``, ``0``) into a float in pixel units.
+
+    Pixels are in [0, 1], so an L-inf radius above 1 means nothing; an L2 radius is bounded by the
+    diagonal of the image cube, sqrt(dim), where ``dim`` = C*H*W is known.
+    """
+    text = str(value).strip()
+    hint = "Write eps as a number or a fraction in pixel units, e.g. eps=8/255, eps=0.03137 or eps=0."
+    if isinstance(value, bool):
+        raise ConfigError(f"eps={text} is not a number. {hint}")
+    try:
+        eps = Fraction(text)
+    except ZeroDivisionError:
+        raise ConfigError(f"eps={text} divides by zero. {hint}") from None
+    except (ValueError, TypeError):
+        raise ConfigError(f"eps={text} is not a number. {hint}") from None
+    if eps < 0:
+        raise ConfigError(f"eps={text} is negative; a perturbation budget is a radius, 0 or more. {hint}")
+    if norm == "linf" and eps > 1:
+        raise ConfigError(
+            f"eps={text} is larger than 1, but pixels lie in [0, 1], so an L-inf radius above 1 allows "
+            f"any image. Did you mean eps={text}/255? {hint}"
+        )
+    if norm == "l2" and dim is not None and eps > math.sqrt(dim):
+        raise ConfigError(
+            f"eps={text} is larger than the L2 diameter of the pixel cube (sqrt({dim}) = {math.sqrt(dim):.1f}), "
+            f"so it allows any image. {hint}"
+        )
+    return float(eps)
+
+
+def format_eps(eps: float) -> str:
+    """A human label: ``0.0314 (8/255)`` for image data, where eps*255 is (nearly) whole."""
+    scaled = eps * 255
+    if eps > 0 and abs(scaled - round(scaled)) < 1e-6:
+        return f"{eps:.4g} ({round(scaled)}/255)"
+    return f"{eps:.4g}"
+
+
+def require_int(name: str, value: Any, *, minimum: int, hint: str = "") -> int:
+    """`value` as an int >= `minimum`, or a ConfigError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            as_float = math.nan
+        if not as_float.is_integer():
+            raise ConfigError(f"{name}={value} is not a whole number; set {name} to an integer >= {minimum}. {hint}".strip())
+        value = int(as_float)
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is too small; it must be an integer >= {minimum}. {hint}".strip())
+    return value
+
+
+def require_positive(name: str, value: Any, hint: str = "") -> float:
+    """`value` as a float > 0, or a ConfigError naming the key."""
+    try:
+        number = float(Fraction(str(value)))
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise ConfigError(f"{name}={value} is not a number; set {name} to a positive number. {hint}".strip()) from None
+    if not number > 0 or not math.isfinite(number):
+        raise ConfigError(f"{name}={value} must be a positive number. {hint}".strip())
+    return number
+
+
+def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`, else a ConfigError listing them."""
+    if value is False and "off" in choices:  # YAML 1.1 reads an unquoted `off` as false
+        return "off"
+    if value not in choices:
+        raise ConfigError(f"{name}={value} is not one of the valid choices: {', '.join(choices)}. Set {name}=CHOICE.")
+    return value
+
+
+def check_attack(where: str, attack_cfg: Any) -> None:
+    """Check the hyper-parameters an attack config may carry (steps, restarts, norm, alpha)."""
+    if attack_cfg is None:
+        return
+    if "steps" in attack_cfg:
+        require_int(f"{where}.steps", attack_cfg.steps, minimum=1, hint="An iterative attack needs at least one step.")
+    if "restarts" in attack_cfg:
+        require_int(f"{where}.restarts", attack_cfg.restarts, minimum=1, hint="restarts=1 runs the attack once.")
+    if "norm" in attack_cfg:
+        require_choice(f"{where}.norm", attack_cfg.norm, NORMS)
+    if attack_cfg.get("alpha") is not None:
+        require_positive(f"{where}.alpha", attack_cfg.alpha, "Leave it unset (null) for the default, a multiple of eps.")
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    """The dataset a run uses: its name, generator options (synthetic only) and augmentation."""
+
+    name: str
+    options: dict
+    crop_padding: int
+    flip: bool
+
+
+def dataset_choice(dataset_cfg: Any) -> DatasetChoice:
+    plain = OmegaConf.to_container(dataset_cfg, resolve=True) if OmegaConf.is_config(dataset_cfg) else dict(dataset_cfg)
+    name = plain.pop("name")
+    crop_padding = require_int("dataset.crop_padding", plain.pop("crop_padding", 0), minimum=0)
+    flip = bool(plain.pop("flip", False))
+    return DatasetChoice(name=name, options=plain, crop_padding=crop_padding, flip=flip)
+
+
+def data_root(value: Any) -> str:
+    """The data folder as an absolute path (``~`` expanded); relative paths are from the working directory."""
+    return str(Path(os.path.expanduser(str(value))).resolve())
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The checked, plain values a training or evaluation run needs from its config."""
+
+    eps: float
+    eps_text: str
+    norm: str
+    restarts: int
+    eval_batch_size: int
+    num_test: int | None
+    data_root: str
+
+
+def run_settings(cfg: Any, *, dim: int | None = None) -> RunSettings:
+    """Check the values shared by ``advcli train`` and ``advcli eval`` (eps, norm, restarts, sizes, attacks)."""
+    norm = require_choice("norm", cfg.norm, NORMS)
+    eps = parse_eps(cfg.eps, norm=norm, dim=dim)
+    restarts = require_int("restarts", cfg.restarts, minimum=1, hint="restarts=1 runs each attack once.")
+    eval_batch_size = require_int("evaluation.batch_size", cfg.evaluation.batch_size, minimum=1)
+    num_test = cfg.evaluation.num_examples
+    if num_test is not None:
+        num_test = require_int("evaluation.num_examples", num_test, minimum=1, hint="Use null for the whole split.")
+    for name, attack_cfg in cfg.evaluation.attacks.items():
+        check_attack(f"evaluation.attacks.{name}", attack_cfg)
+    require_choice("evaluation.amp", cfg.evaluation.amp, AMP_MODES)
+    return RunSettings(eps=eps, eps_text=str(cfg.eps), norm=norm, restarts=restarts,
+                       eval_batch_size=eval_batch_size, num_test=num_test, data_root=data_root(cfg.data.root))
+
+
+def check_training(cfg: Any) -> None:
+    """Check the values only ``advcli train`` uses."""
+    require_int("epochs", cfg.epochs, minimum=1)
+    require_int("batch_size", cfg.batch_size, minimum=1)
+    require_choice("amp", cfg.amp, AMP_MODES)
+    require_positive("lr", cfg.lr)
+    require_int("seed", cfg.seed, minimum=0)
+    require_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    require_choice("attack_mode", cfg.attack_mode, ATTACK_MODES)
+    require_int("data.val_size", cfg.data.val_size, minimum=0)
+    if cfg.data.train_size is not None:
+        require_int("data.train_size", cfg.data.train_size, minimum=1, hint="Use null for the whole split.")
+    check_attack("attack", cfg.attack)
+    check_attack("validation.attack", cfg.validation.attack)
+
+
+def check_writable(folder: Path) -> Path:
+    """Create ``folder`` and prove a file can be written there, before hours of training depend on it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".advcli-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"The output directory {folder} cannot be written ({error.strerror or error}). Choose another with "
+            "hydra.run.dir=PATH (or output_dir=PATH), or fix its permissions."
+        ) from None
+    return folder

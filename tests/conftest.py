@@ -1,0 +1,62 @@
+"""Shared test set-up: the data root, a Hydra config composer, and small fixed models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+REPO = Path(__file__).resolve().parents[1]
+# Our machines keep MNIST and Fashion-MNIST beside the checkout; a user may point ADVCLI_DATA elsewhere.
+os.environ.setdefault("ADVCLI_DATA", str((REPO / ".." / "shared" / "data").resolve()))
+DATA_ROOT = Path(os.environ["ADVCLI_DATA"])
+
+
+@pytest.fixture
+def real_data_root() -> Path:
+    """The folder holding real MNIST; a test that needs it fails (never skips) when it is missing."""
+    mnist = DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    assert mnist.is_file(), (f"real MNIST is missing: expected {mnist}. Set ADVCLI_DATA to a folder holding "
+                             "MNIST in torchvision's layout.")
+    return DATA_ROOT
+
+
+def compose_config(name: str, overrides: list[str]):
+    """The config `advcli <name>` would run with these overrides (Hydra's compose API)."""
+    with initialize_config_module(config_module="advcli.configs", version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """A run on the synthetic data that takes a few seconds on a CPU."""
+    return ["dataset=synthetic", "model=mlp", "epochs=1", "batch_size=64", "device=cpu", "progress=false",
+            f"output_dir={tmp_path}", "data.val_size=64", "eps=0.1", *extra]
+
+
+class TinyConvNet(torch.nn.Module):
+    """A small fixed conv net on 1x8x8 inputs for attack tests (no data needed)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 8 * 8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return TinyConvNet().eval()
+
+
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(32, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    return x, y

@@ -1,0 +1,140 @@
+"""Attacks on a tiny fixed model: threat-model constraints, strength ordering, and no side effects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advcli import attacks
+from advcli.attacks import fgsm, input_gradient, none, pgd, project_l2, project_linf
+
+
+def per_example_loss(model, x, y):
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+def distance(x_adv, x, norm):
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("linf", 0.3), ("l2", 0.5), ("l2", 2.0)])
+@pytest.mark.parametrize("attack", [fgsm, pgd])
+@pytest.mark.parametrize("random_start", [False, True])
+def test_attack_stays_in_ball_and_pixel_box(tiny_model, tiny_batch, attack, norm, eps, random_start):
+    x, y = tiny_batch
+    x_adv = attack(tiny_model, x, y, eps, norm=norm, random_start=random_start)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (distance(x_adv, x, norm) <= eps + 1e-5).all()
+    assert (x_adv != x).any(), "the attack did not move at all"
+
+
+@pytest.mark.parametrize("attack", [fgsm, pgd, none])
+def test_eps_zero_returns_the_input(tiny_model, tiny_batch, attack):
+    x, y = tiny_batch
+    assert torch.equal(attack(tiny_model, x, y, 0.0), x)
+
+
+def test_pgd_raises_the_loss_above_fgsm(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    eps = 0.1
+    clean = per_example_loss(tiny_model, x, y).mean()
+    torch.manual_seed(0)
+    loss_fgsm = per_example_loss(tiny_model, fgsm(tiny_model, x, y, eps), y).mean()
+    loss_pgd = per_example_loss(tiny_model, pgd(tiny_model, x, y, eps, steps=20), y).mean()
+    print(f"loss clean {clean:.4f} fgsm {loss_fgsm:.4f} pgd {loss_pgd:.4f}")
+    assert clean < loss_fgsm < loss_pgd
+
+
+def test_restarts_never_lower_the_per_example_loss(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    torch.manual_seed(3)
+    one = per_example_loss(tiny_model, pgd(tiny_model, x, y, 0.1, steps=3, restarts=1), y)
+    torch.manual_seed(3)  # the first of the five restarts draws the same start as the single run
+    five = per_example_loss(tiny_model, pgd(tiny_model, x, y, 0.1, steps=3, restarts=5), y)
+    assert (five >= one - 1e-6).all()
+    assert (five > one + 1e-6).any(), "restarts found no better perturbation for any example"
+
+
+def test_fgsm_is_one_pgd_step_from_zero_with_alpha_eps(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    one_step = pgd(tiny_model, x, y, 0.1, alpha=0.1, steps=1, random_start=False)
+    assert torch.equal(fgsm(tiny_model, x, y, 0.1), one_step)
+    x_req = x.clone().requires_grad_(True)
+    F.cross_entropy(tiny_model(x_req), y, reduction="sum").backward()
+    assert torch.allclose(fgsm(tiny_model, x, y, 0.1), (x + 0.1 * x_req.grad.sign()).clamp(0, 1))
+
+
+def test_input_gradient_equals_plain_backward(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    delta = torch.rand_like(x) * 0.01
+    x_req = (x + delta).requires_grad_(True)
+    F.cross_entropy(tiny_model(x_req), y, reduction="sum").backward()
+    assert torch.allclose(input_gradient(tiny_model, x, y, delta), x_req.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("attack", [fgsm, pgd])
+def test_attacks_leave_parameters_and_mode_untouched(tiny_model, tiny_batch, attack):
+    x, y = tiny_batch
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    for training in (False, True):
+        tiny_model.train(training)
+        attack(tiny_model, x, y, 0.1)
+        assert tiny_model.training is training
+    for name, p in tiny_model.named_parameters():
+        assert p.grad is None, f"{name}.grad was written"
+        assert p.requires_grad, f"{name}.requires_grad was not restored"
+        assert torch.equal(p, before[name])
+
+
+def test_parameters_are_unfrozen_even_when_the_attack_fails(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    with pytest.raises(IndexError):
+        pgd(tiny_model, x, y + 10, 0.1)  # labels out of range
+    assert all(p.requires_grad for p in tiny_model.parameters())
+
+
+def test_margin_loss_pgd_breaks_at_least_as_many_as_cross_entropy(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    torch.manual_seed(0)
+    ce = (tiny_model(pgd(tiny_model, x, y, 0.05, steps=20)).argmax(1) == y).float().mean()
+    torch.manual_seed(0)
+    margin = (tiny_model(pgd(tiny_model, x, y, 0.05, steps=20, loss="margin")).argmax(1) == y).float().mean()
+    assert margin <= ce
+
+
+def test_projections_are_nearest_points():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(16, 3, 4, 4, generator=g)
+    linf = project_linf(delta, 0.2)
+    assert linf.abs().max() <= 0.2 and torch.equal(project_linf(linf, 0.2), linf)
+    l2 = project_l2(delta, 0.5)
+    assert torch.allclose(l2.flatten(1).norm(dim=1), torch.full((16,), 0.5), atol=1e-5)
+    small = delta * 1e-3
+    assert torch.equal(project_l2(small, 0.5), small), "points inside the ball must not move"
+
+
+def test_random_l2_start_is_inside_the_ball():
+    x = torch.zeros(256, 1, 8, 8)
+    start = attacks.random_l2(x, 1.5)
+    norms = start.flatten(1).norm(dim=1)
+    assert (norms <= 1.5 + 1e-5).all() and norms.mean() > 1.0  # uniform in a 64-d ball: mass near the surface
+
+
+def test_attack_runs_under_cpu_bf16_autocast(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = pgd(tiny_model, x, y, 0.1, steps=5)
+    assert x_adv.dtype == torch.float32
+    assert (distance(x_adv, x, "linf") <= 0.1 + 1e-6).all()
+    assert per_example_loss(tiny_model, x_adv, y).mean() > per_example_loss(tiny_model, x, y).mean()
+
+
+@pytest.mark.parametrize("kwargs", [dict(steps=0), dict(restarts=0), dict(norm="l1")])
+def test_bad_hyper_parameters_are_refused(tiny_model, tiny_batch, kwargs):
+    x, y = tiny_batch
+    with pytest.raises(ValueError):
+        pgd(tiny_model, x, y, 0.1, **kwargs)

@@ -1,0 +1,94 @@
+"""The `advcli` console script as a user types it (subprocesses): overrides, --cfg, errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def advcli(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(["advcli", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+TINY = ["dataset=synthetic", "model=mlp", "epochs=1", "device=cpu", "progress=false", "data.val_size=32",
+        "evaluation.num_examples=64", "attack.steps=2", "evaluation.attacks.pgd.steps=3"]
+
+
+@pytest.mark.slow
+def test_train_as_typed_parses_eps_and_evaluates_from_the_shell(tmp_path):
+    run = tmp_path / "run"
+    result = advcli("train", "attack=pgd", "eps=8/255", *TINY, f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eps"] == pytest.approx(8 / 255) and metrics["eps_text"] == "8/255"
+    assert "any attack" in result.stdout and "pgd" in result.stdout
+    assert (run / "train.log").is_file()
+
+    evaluated = advcli("eval", f"ckpt={run / 'checkpoint.pt'}", "eps=0.2", "restarts=2", "device=cpu",
+                       "evaluation.num_examples=64", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["eps"] == pytest.approx(0.2) and again["test"]["pgd"]["restarts"] == 2
+    assert again["test"]["clean"]["acc"] == metrics["test"]["clean"]["acc"]
+
+
+@pytest.mark.parametrize("eps,fragment", [("8/0", "divides by zero"), ("-1", "negative"), ("abc", "not a number"),
+                                          ("2", "larger than 1")])
+def test_bad_eps_is_one_paragraph_and_a_non_zero_exit(tmp_path, eps, fragment):
+    result = advcli("train", f"eps={eps}", *TINY, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert fragment in result.stderr and "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
+    assert len(error_lines) == 1 and "eps=8/255" in error_lines[0]
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_unknown_group_choice_lists_the_valid_ones(tmp_path):
+    result = advcli("train", "model=resnet9000", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "cnn" in result.stderr and "preact_resnet18" in result.stderr
+
+
+def test_hydra_flags_pass_through():
+    shown = advcli("train", "--cfg", "job", "attack=fgsm", "eps=0.1", "restarts=3")
+    assert shown.returncode == 0, shown.stderr
+    assert "advcli.attacks.fgsm" in shown.stdout and "restarts: 3" in shown.stdout
+    helped = advcli("train", "--help")
+    assert helped.returncode == 0 and "attack: none, fgsm, pgd" in helped.stdout.replace("\n", " ") or \
+        "attack" in helped.stdout
+
+
+def test_usage_and_unknown_command():
+    assert "train" in advcli("--help").stdout
+    wrong = advcli("fly")
+    assert wrong.returncode == 2 and "unknown command" in wrong.stderr
+
+
+def test_missing_dataset_offline_names_the_folder_and_the_setting(tmp_path):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    result = advcli("train", "dataset=fashion_mnist", f"data.root={empty}", "data.download=false", "device=cpu",
+                    f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(empty) in result.stderr and "ADVCLI_DATA" in result.stderr
+
+
+def test_eval_of_a_missing_checkpoint(tmp_path):
+    result = advcli("eval", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_python_dash_m_runs_the_same_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "advcli.train", "attack=none",
+                             *[o for o in TINY if not o.startswith("attack.")], f"hydra.run.dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["attack"] == "none"

@@ -1,0 +1,104 @@
+"""Config values as typed: eps parsing, validation of every key, and the shipped config tree."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from advcli import config, runtime
+from advcli.errors import ConfigError
+from conftest import compose_config
+
+
+@pytest.mark.parametrize("text,expected", [("8/255", 8 / 255), ("0.03137", 0.03137), ("0", 0.0), (0, 0.0),
+                                           (0.3, 0.3), ("1", 1.0), ("1e-3", 1e-3), (" 2/255 ", 2 / 255)])
+def test_parse_eps_accepts_what_users_type(text, expected):
+    assert config.parse_eps(text) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("text,fragment", [("8/0", "divides by zero"), ("-1", "negative"), (-0.1, "negative"),
+                                           ("abc", "not a number"), ("1.5", "larger than 1"), (2, "larger than 1"),
+                                           (True, "not a number"), ("", "not a number")])
+def test_parse_eps_rejects_bad_values_with_a_hint(text, fragment):
+    with pytest.raises(ConfigError) as error:
+        config.parse_eps(text)
+    message = str(error.value)
+    assert fragment in message and "eps=8/255" in message and "\n" not in message
+
+
+def test_l2_eps_may_exceed_one_but_not_the_cube_diameter():
+    assert config.parse_eps("2.0", norm="l2", dim=784) == 2.0
+    with pytest.raises(ConfigError, match="diameter"):
+        config.parse_eps("29", norm="l2", dim=784)
+
+
+def test_format_eps_shows_the_255_fraction():
+    assert config.format_eps(8 / 255) == "0.03137 (8/255)"
+    assert config.format_eps(0.3) == "0.3"
+
+
+def test_train_config_composes_with_every_group_and_eps_as_typed():
+    cfg = compose_config("train", ["attack=pgd", "eps=8/255", "model=preact_resnet18", "dataset=cifar10"])
+    assert cfg.eps == "8/255" and config.parse_eps(cfg.eps) == pytest.approx(8 / 255)
+    assert cfg.attack._target_ == "advcli.attacks.pgd" and cfg.attack.norm == "linf"
+    assert cfg.model.name == "preact_resnet18" and cfg.dataset.name == "cifar10"
+    assert set(cfg.evaluation.attacks) == {"clean", "fgsm", "pgd"}
+    assert cfg.evaluation.attacks.pgd.steps >= 20 > cfg.attack.steps
+    cfg = compose_config("train", ["restarts=4", "norm=l2"])
+    assert cfg.attack.restarts == 4 and cfg.evaluation.attacks.pgd.restarts == 4
+    assert cfg.attack.norm == "l2" and cfg.evaluation.attacks.fgsm.norm == "l2" and cfg.validation.attack.norm == "l2"
+
+
+@pytest.mark.parametrize("group,choices", [("model", {"mlp", "cnn", "preact_resnet18"}),
+                                           ("dataset", {"mnist", "fashion_mnist", "cifar10", "synthetic"}),
+                                           ("attack", {"none", "fgsm", "pgd"})])
+def test_config_groups_offer_the_documented_choices(group, choices):
+    for choice in choices:
+        cfg = compose_config("train", [f"{group}={choice}"])
+        assert cfg[group] is not None
+
+
+def test_data_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADVCLI_DATA", str(tmp_path))
+    cfg = compose_config("train", [])
+    assert cfg.data.root == str(tmp_path)
+
+
+@pytest.mark.parametrize("override,key", [("epochs=0", "epochs"), ("batch_size=0", "batch_size"),
+                                          ("restarts=0", "restarts"), ("attack.steps=0", "attack.steps"),
+                                          ("evaluation.attacks.pgd.steps=-1", "evaluation.attacks.pgd.steps"),
+                                          ("lr=-1", "lr"), ("norm=l1", "norm"), ("amp=fp8", "amp"),
+                                          ("lr_schedule=step", "lr_schedule"), ("attack_mode=test", "attack_mode")])
+def test_bad_values_are_refused_by_name(override, key):
+    cfg = compose_config("train", [override])
+    with pytest.raises(ConfigError) as error:
+        config.run_settings(cfg)
+        config.check_training(cfg)
+    assert f"{key}=" in str(error.value)
+
+
+def test_unwritable_output_directory_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        config.check_writable(blocker / "run")
+
+
+def test_amp_auto_picks_bf16_only_where_the_cpu_has_it():
+    cpu = torch.device("cpu")
+    assert runtime.resolve_amp("auto", cpu, native_bf16=False) is None
+    assert runtime.resolve_amp("auto", cpu, native_bf16=True) is torch.bfloat16
+    assert runtime.resolve_amp("off", cpu, native_bf16=True) is None
+    assert runtime.resolve_amp(False, cpu) is None  # YAML's unquoted `off`
+    assert runtime.resolve_amp("fp16", cpu) is torch.float16
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(ConfigError, match="device=cpu"):
+        runtime.resolve_device("cuda")
+    assert runtime.resolve_device("auto").type == "cpu"
+    with pytest.raises(ConfigError):
+        runtime.resolve_device("tpu")

@@ -1,0 +1,92 @@
+"""End-to-end runs of `train` and `advcli eval` on composed configs (synthetic data, seconds each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from advcli import checkpoint
+from advcli.evaluate import evaluate_checkpoint
+from advcli.train import train
+from conftest import compose_config, tiny_overrides
+
+
+@pytest.mark.parametrize("attack", ["none", "fgsm", "pgd"])
+def test_each_training_attack_writes_a_checkpoint_and_metrics_per_attack(tmp_path, attack):
+    run = tmp_path / "run"
+    metrics = train(compose_config("train", tiny_overrides(run, f"attack={attack}")))
+    assert (run / "checkpoint.pt").is_file()
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["attack"] == attack and on_disk["eps"] == pytest.approx(0.1)
+    assert set(on_disk["test"]) == {"clean", "fgsm", "pgd", "any_attack"}
+    for name in ("clean", "fgsm", "pgd"):
+        assert 0 <= on_disk["test"][name]["acc"] <= 1
+        assert on_disk["test"][name]["acc"] == metrics["test"][name]["acc"]
+    assert on_disk["test"]["pgd"]["steps"] == 20 and on_disk["test"]["pgd"]["restarts"] == 1
+    worst = min(on_disk["test"][name]["acc"] for name in ("clean", "fgsm", "pgd"))
+    assert on_disk["test"]["any_attack"]["acc"] <= worst
+    assert len(on_disk["history"]) == 1 and "val_pgd_acc" in on_disk["history"][0]
+
+    evaluated = evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
+                                                            "progress=false", f"output_dir={tmp_path / 'eval'}"]))
+    assert evaluated["test"]["clean"]["acc"] == on_disk["test"]["clean"]["acc"]  # exactly, not approximately
+    assert evaluated["eps"] == on_disk["eps"] and evaluated["num_examples"] == on_disk["num_test"]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_training_learns_and_pgd_training_buys_robustness(tmp_path):
+    common = ["epochs=4", "lr=3e-3", "dataset.num_train=1024", "eps=0.05", "evaluation.num_examples=256"]
+    plain = train(compose_config("train", tiny_overrides(tmp_path / "plain", "attack=none", *common)))
+    robust = train(compose_config("train", tiny_overrides(tmp_path / "robust", "attack=pgd", *common)))
+    print("standard", plain["test"]["clean"]["acc"], plain["test"]["pgd"]["acc"],
+          "| pgd-trained", robust["test"]["clean"]["acc"], robust["test"]["pgd"]["acc"])
+    assert plain["test"]["clean"]["acc"] > 0.8
+    assert robust["test"]["pgd"]["acc"] > plain["test"]["pgd"]["acc"] + 0.1
+
+
+def test_eval_overrides_eps_restarts_steps_and_examples(tmp_path):
+    train(compose_config("train", tiny_overrides(tmp_path / "run")))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    at_zero = evaluate_checkpoint(compose_config("eval", [f"ckpt={ckpt}", "eps=0", "device=cpu", "progress=false",
+                                                          f"output_dir={tmp_path / 'e0'}"]))
+    assert at_zero["test"]["pgd"]["acc"] == at_zero["test"]["clean"]["acc"]
+    stronger = evaluate_checkpoint(compose_config("eval", [
+        f"ckpt={ckpt}", "eps=8/255", "restarts=3", "evaluation.attacks.pgd.steps=7", "evaluation.num_examples=100",
+        "split=train", "device=cpu", "progress=false", f"output_dir={tmp_path / 'e1'}"]))
+    assert stronger["eps"] == pytest.approx(8 / 255) and stronger["num_examples"] == 100
+    assert stronger["split"] == "train"
+    assert stronger["test"]["pgd"]["restarts"] == 3 and stronger["test"]["pgd"]["steps"] == 7
+
+
+def test_seeded_cpu_runs_are_reproducible(tmp_path):
+    first = train(compose_config("train", tiny_overrides(tmp_path / "a", "epochs=2")))
+    second = train(compose_config("train", tiny_overrides(tmp_path / "b", "epochs=2")))
+    assert first["test"] == second["test"]
+    assert [e["train_loss"] for e in first["history"]] == [e["train_loss"] for e in second["history"]]
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    train(compose_config("train", tiny_overrides(tmp_path / "straight", "epochs=2")))
+    train(compose_config("train", tiny_overrides(tmp_path / "first", "epochs=1")))
+    resumed = train(compose_config("train", tiny_overrides(tmp_path / "resumed", "epochs=2",
+                                                           f"resume={tmp_path / 'first' / 'checkpoint.pt'}")))
+    straight = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
+    again = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert again["epoch"] == 2 and len(resumed["history"]) == 2
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, again["model"][name]), name
+
+
+def test_checkpoint_holds_what_eval_needs_as_plain_data(tmp_path):
+    train(compose_config("train", tiny_overrides(tmp_path, "model=cnn")))
+    payload = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert payload["model_spec"]["name"] == "cnn" and payload["model_spec"]["num_classes"] == 4
+    assert payload["config"]["eps"] == 0.1 and payload["config"]["dataset"]["name"] == "synthetic"
+    assert payload["epoch"] == 1 and "optimizer" in payload and "_target_" not in payload["model_spec"]
+
+
+def test_l2_threat_model_end_to_end(tmp_path):
+    metrics = train(compose_config("train", tiny_overrides(tmp_path, "norm=l2", "eps=0.5")))
+    assert metrics["norm"] == "l2" and metrics["test"]["pgd"]["norm"] == "l2"
