@@ -171,6 +171,8 @@ def check_training(cfg: Any) -> None:
     require_choice("amp", cfg.amp, AMP_MODES)
     require_positive("lr", cfg.lr)
     require_int("seed", cfg.seed, minimum=0)
+    if float(cfg.eps_warmup) < 0:
+        raise ConfigError(f"eps_warmup={cfg.eps_warmup} is negative; it is a number of epochs (0: no warm-up).")
     require_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     require_choice("attack_mode", cfg.attack_mode, ATTACK_MODES)
     require_int("data.val_size", cfg.data.val_size, minimum=0)

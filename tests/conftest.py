@@ -33,7 +33,7 @@ def compose_config(name: str, overrides: list[str]):
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
     """A run on the synthetic data that takes a few seconds on a CPU."""
     return ["dataset=synthetic", "model=mlp", "epochs=1", "batch_size=64", "device=cpu", "progress=false",
-            f"output_dir={tmp_path}", "data.val_size=64", "eps=0.1", *extra]
+            f"output_dir={tmp_path}", "data.val_size=64", "eps=0.1", "eps_warmup=0", *extra]
 
 
 class TinyConvNet(torch.nn.Module):
