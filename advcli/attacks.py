@@ -17,16 +17,26 @@ Every attack has one signature::
 
 With ``_partial_: true`` in an attack config, ``hydra.utils.instantiate(cfg.attack)`` returns one of
 these functions with its hyper-parameters bound, ready to call as ``attack(model, x, y, eps)``.
+
+Training and evaluation want different things from restarts. Training PGD keeps, per example, the
+restart with the highest loss. Evaluation PGD (``early_stop=True``) asks only "can this example be
+broken?": an example misclassified at any step keeps that point and is never attacked again, and
+restart r runs only on the examples no earlier restart broke, so R restarts cost about
+1 + (R - 1) x (robust fraction) single runs. `autoattack` wraps the reference AutoAttack (the optional
+``pyautoattack`` package); it is an evaluation attack.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from advcli.errors import UserError
 
 Attack = Callable[..., torch.Tensor]
 
@@ -45,7 +55,18 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return others.amax(dim=1) - true
 
 
-LOSSES = {"ce": cross_entropy, "margin": margin}
+def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Difference of logits ratio (Croce & Hein 2020, "Reliable evaluation of adversarial robustness
+    with an ensemble of diverse parameter-free attacks"): the margin divided by z_(1) - z_(3), the gap
+    between the largest and third-largest logit, so rescaling the logits does not change it. K >= 3."""
+    logits = logits.float()
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+    ranked = logits.sort(dim=1, descending=True).values
+    return margin(logits, y) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
+
+
+LOSSES = {"ce": cross_entropy, "margin": margin, "dlr": dlr}
 
 
 # --- the threat models -------------------------------------------------------------------------
@@ -112,14 +133,29 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def gradient_and_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                        loss_fn: Callable = cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """d sum_i loss_i / d delta, computed for delta alone, and the (detached) logits at x + delta."""
+    delta = delta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x + delta)
+        loss = loss_fn(logits, y).sum()
+        (grad,) = torch.autograd.grad(loss, delta)
+    return grad, logits.detach()
+
+
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
                    loss_fn: Callable = cross_entropy) -> torch.Tensor:
     """d sum_i loss_i / d delta, computed for delta alone (sum, so examples do not scale each other)."""
-    delta = delta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(model(x + delta), y).sum()
-        (grad,) = torch.autograd.grad(loss, delta)
-    return grad
+    return gradient_and_logits(model, x, y, delta, loss_fn)[0]
+
+
+def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``t``, keeping a channels-last layout (faster convolutions) when ``t`` had one."""
+    rows = t[index]
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        rows = rows.contiguous(memory_format=torch.channels_last)
+    return rows
 
 
 def _check(eps: float, steps: int, restarts: int, norm: str) -> None:
@@ -142,7 +178,7 @@ def none(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.0, *
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        loss: str = "ce") -> torch.Tensor:
+        loss: str = "ce", early_stop: bool = False) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018, "Towards Deep Learning Models Resistant to
     Adversarial Attacks"): ``steps`` ascent steps of size ``alpha``, each projected back onto the
     ``norm`` ball of radius ``eps`` and onto the [0, 1] pixel box.
@@ -157,7 +193,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
         norm: "linf" (signed-gradient steps) or "l2" (normalised-gradient steps).
         random_start: start from a uniform sample of the ball instead of x.
         restarts: independent runs; per example the perturbation with the highest loss is kept.
-        loss: "ce" (cross-entropy) or "margin" (Carlini & Wagner logit margin).
+        loss: "ce" (cross-entropy), "margin" (Carlini & Wagner logit margin) or "dlr" (Croce & Hein).
+        early_stop: evaluation semantics. An example misclassified at any step (the random start
+            included) keeps that point and leaves the batch; restart r attacks only the examples no
+            earlier restart broke; examples never broken keep their highest-loss point. The work
+            falls with the robust fraction. Use it with the model in eval mode: the batch shrinks
+            as examples break, which BatchNorm in train mode would notice.
 
     Returns:
         x_adv: (B, C, H, W), detached, in [0, 1], with x_adv - x inside the ball.
@@ -173,6 +214,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
     project, random_init, ascent = THREAT_MODELS[norm]
     loss_fn = LOSSES[loss]
     x = x.detach()
+    if early_stop:
+        with frozen_parameters(model), torch.no_grad():
+            return _pgd_until_broken(model, x, y, eps, alpha, steps, restarts, random_start, norm, loss_fn)
 
     best_delta, best_loss = None, None
     with frozen_parameters(model):
@@ -197,6 +241,48 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
     return (x + best_delta).detach()
 
 
+def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                      restarts: int, random_start: bool, norm: str, loss_fn: Callable) -> torch.Tensor:
+    """PGD with ``early_stop=True``: see `pgd`. Runs under no_grad except for each input gradient."""
+    project, random_init, ascent = THREAT_MODELS[norm]
+    x_adv = x.clone()
+    broken = torch.zeros_like(y, dtype=torch.bool)  # misclassified at some point of some restart
+    best_loss = torch.full(y.shape, float("-inf"), device=x.device)  # of the unbroken examples' final points
+    todo = torch.arange(len(y), device=x.device)  # examples no restart has broken yet
+    for _ in range(restarts):
+        if todo.numel() == 0:
+            break
+        x_r, y_r = take(x, todo), y[todo]
+        delta = random_init(x_r, eps) if random_start else torch.zeros_like(x_r)
+        delta = (x_r + delta).clamp(0, 1) - x_r
+        live = torch.arange(len(todo), device=x.device)  # rows of x_r still attacked in this restart
+        for step in range(steps + 1):
+            x_s, y_s, d_s = take(x_r, live), y_r[live], delta[live]
+            if step < steps:
+                grad, logits = gradient_and_logits(model, x_s, y_s, d_s, loss_fn)
+            else:  # the final point of this restart: look, no step
+                logits = model(x_s + d_s)
+            hit = logits.argmax(dim=1) == y_s
+            rows = todo[live]
+            if not hit.all():
+                x_adv[rows[~hit]] = (x_s + d_s)[~hit]
+                broken[rows[~hit]] = True
+            if step == steps:
+                run_loss = loss_fn(logits[hit], y_s[hit])
+                kept, better = rows[hit], run_loss > best_loss[rows[hit]]
+                x_adv[kept[better]] = (x_s + d_s)[hit][better]
+                best_loss[kept[better]] = run_loss[better]
+                break
+            live = live[hit]
+            if live.numel() == 0:
+                break
+            x_s, d_s = x_s[hit], d_s[hit]
+            d_s = project(d_s + alpha * ascent(grad[hit]), eps)
+            delta[live] = (x_s + d_s).clamp(0, 1) - x_s  # the box and the ball are both convex around x
+        todo = todo[~broken[todo]]
+    return x_adv
+
+
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
          norm: str = "linf", random_start: bool = False, loss: str = "ce", **_: object) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one ascent step, i.e. PGD with steps=1.
@@ -212,3 +298,70 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alph
     if alpha is None:
         alpha = 1.25 * eps if random_start else eps
     return pgd(model, x, y, eps, alpha=alpha, steps=1, norm=norm, random_start=random_start, restarts=1, loss=loss)
+
+
+# --- AutoAttack, through the reference implementation -----------------------------------------
+
+class MissingExtra(UserError):
+    """An optional dependency (an ``advcli[...]`` extra) is not installed."""
+
+
+AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def require_autoattack() -> type:
+    """The ``AutoAttack`` class of the ``pyautoattack`` package, or a `MissingExtra` saying how to install it."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as error:
+        raise MissingExtra(
+            f"AutoAttack needs the optional package pyautoattack, which cannot be imported ({error}). Install "
+            "advcli's extra with: pip install 'advcli[autoattack]' (or pip install -e '.[autoattack]' in a "
+            "checkout), or leave attack=autoattack out; every other attack works without it."
+        ) from None
+    return AutoAttack
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+               version: str = "standard", seed: int = 0, **_: object) -> torch.Tensor:
+    """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+    diverse parameter-free attacks"), run by the authors' code (the ``pyautoattack`` package).
+
+    The standard version runs APGD-CE, APGD-T (targeted DLR), FAB-T and Square (5,000 queries) in turn,
+    each only on the examples the earlier ones left correctly classified. It is an evaluation attack:
+    call it with the model in eval mode. The targeted attacks use min(9, K - 1) target classes (9 in
+    the paper, where K >= 10), so a model needs K >= 4 classes.
+
+    Args:
+        model: (B, C, H, W) pixels in [0, 1] -> (B, K) logits. x: (B, C, H, W) in [0, 1]. y: (B,) int64.
+        eps: radius in pixel units. norm: "linf" or "l2". version: AutoAttack's "standard" (or "plus",
+            "rand"). seed: AutoAttack's seed; the caller's random generator state is restored after.
+
+    Returns:
+        x_adv: (B, C, H, W), detached, in [0, 1]; rows AutoAttack could not break are x itself.
+
+    Example:
+        >>> x_adv = autoattack(model.eval(), x, y, eps=8/255)
+    """
+    AutoAttack = require_autoattack()
+    if norm not in AUTOATTACK_NORMS:
+        raise ValueError(f"AutoAttack's norm must be one of {sorted(AUTOATTACK_NORMS)}, got {norm!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    x = x.detach()
+    if eps == 0 or len(y) == 0:
+        return x
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    if num_classes < 4:
+        raise ValueError(f"AutoAttack's targeted DLR loss needs at least 4 classes; this model has {num_classes}")
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its warnings (e.g. zero gradients) still show
+    adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version=version, seed=seed, device=x.device)
+    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
+    adversary.fab.n_target_classes = min(9, num_classes - 1)
+    cuda = [x.device] if x.device.type == "cuda" else []
+    # parameters frozen: FAB calls .backward(), which would otherwise fill the parameters' .grad;
+    # fork_rng: AutoAttack reseeds the global generators
+    with frozen_parameters(model), torch.random.fork_rng(devices=cuda):
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+    return x_adv.detach()

@@ -12,12 +12,14 @@ import sys
 COMMANDS = {
     "train": ("advcli.train", "train a model (min-max adversarial training), then evaluate it against every attack"),
     "eval": ("advcli.evaluate", "evaluate a checkpoint: advcli eval ckpt=PATH [eps=...] [restarts=...]"),
+    "summarize": ("advcli.sweep", "rebuild a sweep's summary table and plot: advcli summarize PATH [PATH ...]"),
 }
 
 USAGE = "usage: advcli {" + ",".join(COMMANDS) + "} [HYDRA OVERRIDES ...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()
+    f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()
 ) + "\n\nExamples:\n  advcli train attack=pgd eps=8/255\n  advcli train -m eps=2/255,4/255,8/255\n" \
-    "  advcli eval ckpt=outputs/DATE/TIME/checkpoint.pt eps=0.2 restarts=5\n  advcli train --help"
+    "  advcli eval ckpt=outputs/DATE/TIME/checkpoint.pt eps=0.2 restarts=5\n  advcli train --help\n" \
+    "  advcli summarize outputs/multirun/DATE/TIME"
 
 
 def main() -> None:
@@ -30,8 +32,29 @@ def main() -> None:
               file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[command][0])
-    sys.argv = [f"advcli {command}", *sys.argv[2:]]
+    args = sys.argv[2:]
+    if command in ("train", "eval"):
+        check_run_directory(args)
+    sys.argv = [f"advcli {command}", *args]
     module.main()
+
+
+def check_run_directory(args: list[str]) -> None:
+    """Hydra creates the run directory before advcli's code runs and shows a traceback when it cannot;
+    check it first so that a bad ``hydra.run.dir``/``hydra.sweep.dir`` gets a one-paragraph error."""
+    from advcli.config import check_can_create
+    from advcli.errors import UserError
+
+    if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i") for arg in args):
+        return
+    key = "hydra.sweep.dir=" if any(arg in ("-m", "--multirun") for arg in args) else "hydra.run.dir="
+    folders = [arg.split("=", 1)[1] for arg in args if arg.startswith(key)] or ["outputs"]
+    try:
+        for folder in folders:
+            check_can_create(folder, setting=key.rstrip("="))
+    except UserError as error:
+        print(f"advcli: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,21 @@ def check_writable(folder: Path) -> Path:
             "hydra.run.dir=PATH (or output_dir=PATH), or fix its permissions."
         ) from None
     return folder
+
+
+def check_can_create(folder: str | Path, *, setting: str = "hydra.run.dir") -> None:
+    """Fail early if ``folder`` could not be created: its nearest existing ancestor must be a writable folder."""
+    path = Path(os.path.expanduser(str(folder))).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise ConfigError(
+            f"The output directory {path} cannot be written ({problem}). Choose another with {setting}=PATH, "
+            "or fix its permissions."
+        )

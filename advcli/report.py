@@ -56,3 +56,73 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# --- robustness curve and sanity report (advcli eval eps=a,b,c) ---------------------------------
+
+def curve_columns(curve: list[Mapping[str, Any]]) -> list[str]:
+    """The attack names of a robustness curve, in evaluation order, ``any_attack`` last."""
+    names = [name for name in curve[0]["test"] if name != "any_attack"]
+    return names + ["any_attack"]
+
+
+def curve_table(curve: list[Mapping[str, Any]], *, norm: str) -> str:
+    """Accuracy per eps (rows) per attack (columns)."""
+    names = curve_columns(curve)
+    width = max(10, *(len(name) for name in names))
+    header = f"{'eps (' + norm + ')':<16} " + " ".join(f"{name.replace('_', ' '):>{width}}" for name in names)
+    lines = [header, "-" * len(header)]
+    for point in curve:
+        cells = " ".join(f"{percent(point['test'][name]['acc']):>{width}}" for name in names)
+        lines.append(f"{format_eps(point['eps']) if point['eps'] else '0':<16} {cells}")
+    return "\n".join(lines)
+
+
+def write_curve_csv(path: str | Path, curve: list[Mapping[str, Any]]) -> None:
+    """``eps,eps_text,eps_255,<attack>...,any_attack``: accuracies as fractions, one row per eps."""
+    import csv
+    import io
+
+    names = curve_columns(curve)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["eps", "eps_text", "eps_255", *names])
+    for point in curve:
+        writer.writerow([f"{point['eps']:.6g}", point["eps_text"], f"{point['eps_255']:.4g}",
+                         *(f"{point['test'][name]['acc']:.6f}" for name in names)])
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def plot_curve(path: str | Path, curve: list[Mapping[str, Any]], *, norm: str, title: str = "") -> None:
+    """Accuracy against eps, one line per attack, as a PNG (matplotlib's Agg canvas: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    on_255 = all(abs(p["eps_255"] - round(p["eps_255"])) < 1e-6 for p in curve)  # image-style eps: k/255
+    xs = [round(p["eps_255"]) if on_255 else p["eps"] for p in curve]
+    figure = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for name in curve_columns(curve):
+        ax.plot(xs, [100 * p["test"][name]["acc"] for p in curve], marker="o",
+                linestyle="--" if name == "any_attack" else "-", label=name.replace("_", " "))
+    ax.set_xlabel(f"eps x 255 ({norm})" if on_255 else f"eps ({norm}, pixel units)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    figure.tight_layout()
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def sanity_table(sanity: Mapping[str, Any]) -> str:
+    """The sanity report: one line per check (verdict, what it asks, the numbers), the likely cause under a warning."""
+    lines = [f"sanity checks (Athalye et al. 2018; Carlini et al. 2019) on the first {sanity['num_examples']} "
+             f"examples: {sanity['verdict'].upper()}"]
+    for item in sanity["checks"]:
+        lines.append(f"  {item['verdict'].upper():<5} {item['check']}: {item['detail']}")
+        if item.get("likely_cause"):
+            lines.append(f"        likely cause: {item['likely_cause']}")
+    return "\n".join(lines)

@@ -3,17 +3,26 @@
 The config becomes objects at the top of `train`; below it the loop works on plain values:
 for each batch the training attack maximises the loss inside the threat model, the optimiser
 minimises the loss on the perturbed batch. Each epoch ends with a robust check on a held-out slice
-of the training split (watch it for catastrophic overfitting) and an atomic checkpoint; the run
-ends by evaluating the final model on the test set against every evaluation attack.
+of the training split (watch it for catastrophic overfitting) and an atomic checkpoint
+(``checkpoint.pt``, plus ``best.pt`` for the best held-out robust accuracy); the run ends by
+evaluating the final model on the test set against every evaluation attack.
+
+No finished work is lost: SIGINT/SIGTERM finish the current batch and save a mid-epoch checkpoint,
+and running the same command again in the same run directory (or with ``resume=PATH``) continues
+exactly where the run stopped.
 
 Run ``python -m advcli.train`` or ``advcli train`` with Hydra overrides, e.g. ``attack=pgd eps=8/255``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import signal
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,7 +36,7 @@ from tqdm.auto import tqdm
 from advcli import attacks, checkpoint, config, data, report, runtime
 from advcli.attacks import Attack
 from advcli.errors import UserError, run_guarded
-from advcli.evaluate import evaluate, evaluation_attacks, output_dir, prepare_model
+from advcli.evaluate import evaluate, evaluate_model, output_dir, prepare_model
 from advcli.models import uses_batchnorm
 
 log = logging.getLogger(__name__)
@@ -35,6 +44,14 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM stopped the run after a checkpoint was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 def lr_schedule(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -52,26 +69,91 @@ def lr_schedule(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int
     raise ValueError(f"unknown lr schedule {name!r}")
 
 
+@dataclass
+class EpochProgress:
+    """Running totals of one epoch, on the device; saved in a mid-epoch checkpoint."""
+
+    batches: int = 0                    # batches done so far in this epoch
+    seen: int = 0                       # examples done so far
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    first_bad_batch: torch.Tensor | int = -1  # first batch whose loss was NaN/inf (-1: none)
+    time_s: float = 0.0                 # training time spent in this epoch before an interruption
+    finished: bool = False
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"batches": self.batches, "seen": self.seen, "loss_sum": float(self.loss_sum),
+                "correct": int(self.correct), "time_s": self.time_s}
+
+
+class StopRequests:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current batch (a second
+    Ctrl-C stops at once). Signal handlers can only be set from the main thread; elsewhere (some
+    Hydra launchers) this does nothing and the default handlers stay."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this batch and saving a checkpoint (Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
 def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], attack: Attack, *,
                 eps: float, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
                 amp_dtype: torch.dtype | None, attack_mode: str = "train", epoch: int = 1,
-                warmup_steps: int = 0, steps_done: int = 0,
-                total: int | None = None, progress: bool = True, log_every: int = 20) -> dict[str, float]:
-    """One pass of min-max training over ``loader``; returns the mean adversarial loss and accuracy.
+                warmup_steps: int = 0, steps_done: int = 0, progress_state: EpochProgress | None = None,
+                should_stop: Callable[[], bool] = lambda: False,
+                total: int | None = None, progress: bool = True, log_every: int = 20) -> EpochProgress:
+    """One pass of min-max training over ``loader`` (or its rest, continuing ``progress_state``).
 
     With ``warmup_steps`` the training eps grows linearly from 0 to ``eps`` over that many optimiser
-    steps (``steps_done`` were taken in earlier epochs): at a large eps (0.3 on MNIST) a model trained
-    at full strength from the first step often never leaves chance accuracy.
+    steps (``steps_done`` were taken before this epoch): at a large eps (0.3 on MNIST) a model
+    trained at full strength from the first step often never leaves chance accuracy.
 
-    Metrics accumulate on the device; the host reads them only every ``log_every`` batches (for the
-    progress bar and the divergence check) and at the end, so the step itself never waits on a sync.
+    Metrics accumulate on the device; the host reads them only every ``log_every`` batches (progress
+    bar and divergence check), so the step itself never waits on a sync. Returns the epoch's
+    progress, ``finished`` False when ``should_stop()`` ended it early.
     """
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
-    for batch, (x, y) in enumerate(bar, start=1):
+    state = progress_state or EpochProgress()
+    loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=device)
+    correct = torch.as_tensor(state.correct, dtype=torch.long, device=device)
+    first_bad = torch.as_tensor(state.first_bad_batch, dtype=torch.long, device=device)
+    seen, batch = state.seen, state.batches
+    bar = tqdm(loader, total=total, initial=state.batches, desc=f"epoch {epoch}", leave=False,
+               disable=not progress, dynamic_ncols=True)
+
+    def check(batch: int) -> float:
+        mean_loss = loss_sum.item() / max(seen, 1)
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise TrainingDiverged(
+                f"Training diverged: the loss became NaN or infinite in epoch {epoch} at batch {bad}. The learning "
+                f"rate (lr={optimizer.param_groups[0]['lr']:.3g} at that point) is the usual cause; a large eps "
+                f"(eps={eps:.4g}) can also push the loss up faster than training can follow. Lower lr (or use "
+                "amp=off if this happened under fp16). The checkpoint of the last completed epoch, if any, is intact."
+            )
+        return mean_loss
+
+    for batch, (x, y) in enumerate(bar, start=state.batches + 1):
         if attack_mode == "eval":
             model.eval()  # BatchNorm uses running statistics while the attack searches
         step_eps = eps * min(1.0, (steps_done + batch) / warmup_steps) if warmup_steps else eps
@@ -86,24 +168,20 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        loss_sum += loss.detach() * y.shape[0]
+        loss = loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batch, first_bad)
+        loss_sum += loss * y.shape[0]
         correct += (logits.detach().argmax(dim=1) == y).sum()
         seen += y.shape[0]
         if batch % log_every == 0 or batch == total:
-            mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(
-                    f"Training diverged in epoch {epoch} (loss became {mean_loss} by batch {batch}). The learning "
-                    f"rate (lr={optimizer.param_groups[0]['lr']:.3g} now) is the usual cause; a large eps "
-                    f"(eps={eps:.4g}) can also push the loss up faster than training can follow. Lower lr, or "
-                    "use amp=off if it happened under fp16. The last completed epoch's checkpoint is intact."
-                )
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.2%}")
+            bar.set_postfix(loss=f"{check(batch):.4f}", acc=f"{correct.item() / seen:.2%}")
+        if should_stop():
+            break
     bar.close()
-    mean_loss = loss_sum.item() / max(seen, 1)
-    if not math.isfinite(mean_loss):
-        raise TrainingDiverged(f"Training diverged in epoch {epoch}: the mean loss is {mean_loss}. Lower lr or eps.")
-    return {"train_loss": mean_loss, "train_acc": correct.item() / max(seen, 1)}
+    check(batch)
+    finished = not should_stop() or batch == total
+    return EpochProgress(batches=batch, seen=seen, loss_sum=loss_sum.item(), correct=int(correct.item()),
+                         time_s=state.time_s, finished=finished)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -117,6 +195,31 @@ def restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def find_resume_point(cfg: DictConfig, ckpt_path: Path) -> Path | None:
+    """The checkpoint to continue from: ``resume=PATH``; with ``resume=auto`` the run directory's own
+    checkpoint.pt if there is one (running a command again continues it); ``resume=never``: none."""
+    choice = cfg.resume
+    if choice in (None, False, "never"):
+        return None
+    if choice == "auto":
+        return ckpt_path if ckpt_path.is_file() else None
+    return Path(str(choice))
+
+
+def check_resumable(payload: dict[str, Any], path: Path, spec: dict[str, Any], dataset: str) -> None:
+    """The checkpoint must be of the same model and data as this run."""
+    stored = payload.get("model_spec", {})
+    if stored != spec or payload.get("config", {}).get("dataset", {}).get("name") != dataset:
+        raise checkpoint.CheckpointError(
+            f"Cannot resume from {path}: it holds a {stored.get('name')} model for "
+            f"{payload.get('config', {}).get('dataset', {}).get('name')} "
+            f"({stored.get('num_classes')} classes, {stored.get('in_channels')}x{stored.get('image_size')}x"
+            f"{stored.get('image_size')}), but this run builds {spec['name']} for {dataset} ({spec['num_classes']} "
+            f"classes, {spec['in_channels']}x{spec['image_size']}x{spec['image_size']}). Use the same model and dataset, "
+            "another run directory (hydra.run.dir=...), or resume=never to start over in this one."
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -164,65 +267,101 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.attack_mode == "eval" and uses_batchnorm(model):
         log.info("the training attack runs with BatchNorm in eval mode (attack_mode=eval)")
 
+    ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
     history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if cfg.resume:
-        payload = checkpoint.load(cfg.resume)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        scaler.load_state_dict(payload["scaler"])
+    start_epoch, partial, best_score = 0, None, -math.inf
+    resume_path = find_resume_point(cfg, ckpt_path)
+    if resume_path is not None:
+        payload = checkpoint.load(resume_path)
+        check_resumable(payload, resume_path, spec, dataset.name)
+        try:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            scaler.load_state_dict(payload["scaler"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise checkpoint.CheckpointError(
+                f"Cannot resume from {resume_path}: its training state does not fit this run "
+                f"({type(error).__name__}: {' '.join(str(error).split())[:200]}). Use the optimizer it was trained "
+                "with, or resume=never to start over."
+            ) from None
         start_epoch, history = payload["epoch"], list(payload["history"])
+        best_score = payload.get("best_score", -math.inf)
+        if payload.get("partial"):
+            partial = EpochProgress(**payload["partial"])
         restore_rng(payload["rng"])
-        log.info("resumed from %s after epoch %d", cfg.resume, start_epoch)
+        where = f"epoch {start_epoch + 1}, batch {partial.batches}" if partial else f"the end of epoch {start_epoch}"
+        log.info("resuming from %s at %s", resume_path, where)
 
-    ckpt_path = out / "checkpoint.pt"
+    def snapshot(epoch_done: int, progress: EpochProgress | None = None) -> dict[str, Any]:
+        return {"model": model.state_dict(), "model_spec": spec, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
+                "partial": progress.to_plain() if progress else None, "rng": capture_rng(), "history": history,
+                "best_score": best_score, "config": OmegaConf.to_container(cfg, resolve=True)}
+
     train_time = sum(entry["time_s"] for entry in history)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        epoch_start = time.perf_counter()
-        order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # an epoch's order depends on (seed, epoch) only
-        loader = data.batches(train_set, cfg.batch_size, shuffle=True, generator=order, crop_padding=dataset.crop_padding,
-                              flip=dataset.flip, channels_last=channels_last)
-        model.train()
-        entry: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        entry.update(train_epoch(net, loader, train_attack, eps=s.eps, optimizer=optimizer, scheduler=scheduler,
-                                 warmup_steps=warmup_steps, steps_done=(epoch - 1) * steps_per_epoch,
-                                 scaler=scaler, amp_dtype=amp_dtype, attack_mode=cfg.attack_mode, epoch=epoch,
-                                 total=steps_per_epoch, progress=cfg.progress, log_every=cfg.log_every))
-        entry["time_s"] = time.perf_counter() - epoch_start
-        train_time += entry["time_s"]
-        if len(val_set):
-            val = evaluate(model, data.batches(val_set, s.eval_batch_size, channels_last=channels_last), val_attacks,
-                           eps=s.eps, amp_dtype=amp_dtype)
-            entry.update({f"val_{name}_acc": val[name]["acc"] for name in val_attacks})
-        history.append(entry)
-        log.info(report.epoch_line(entry, cfg.epochs))
-        checkpoint.save(ckpt_path, {
-            "model": model.state_dict(), "model_spec": spec, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "rng": capture_rng(), "history": history, "config": OmegaConf.to_container(cfg, resolve=True),
-        })
+    with StopRequests() as stop:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            epoch_start = time.perf_counter()
+            order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # an epoch's order depends on (seed, epoch)
+            loader = data.batches(train_set, cfg.batch_size, shuffle=True, generator=order,
+                                  crop_padding=dataset.crop_padding, flip=dataset.flip, channels_last=channels_last)
+            if partial is not None:  # replay the generator's draws for the batches already done
+                loader = itertools.islice(loader, partial.batches, None)
+            model.train()
+            entry: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+            done = train_epoch(net, loader, train_attack, eps=s.eps, optimizer=optimizer, scheduler=scheduler,
+                               warmup_steps=warmup_steps, steps_done=(epoch - 1) * steps_per_epoch,
+                               progress_state=partial, should_stop=stop, scaler=scaler, amp_dtype=amp_dtype,
+                               attack_mode=cfg.attack_mode, epoch=epoch, total=steps_per_epoch,
+                               progress=cfg.progress, log_every=cfg.log_every)
+            partial = None
+            done.time_s += time.perf_counter() - epoch_start
+            if not done.finished:
+                checkpoint.save(ckpt_path, snapshot(epoch - 1, done))
+                name = signal.Signals(stop.signum).name
+                raise Interrupted(
+                    f"{name} stopped the run in epoch {epoch} after batch {done.batches} of {steps_per_epoch}; its state "
+                    f"is saved in {ckpt_path}. Run the same command again with hydra.run.dir={out} to continue "
+                    f"where it stopped (or resume={ckpt_path}).", stop.signum)
+            entry.update(train_loss=done.loss_sum / max(done.seen, 1), train_acc=done.correct / max(done.seen, 1),
+                         time_s=done.time_s)
+            train_time += entry["time_s"]
+            if len(val_set):
+                val = evaluate(model, data.batches(val_set, s.eval_batch_size, channels_last=channels_last),
+                               val_attacks, eps=s.eps, amp_dtype=amp_dtype)
+                entry.update({f"val_{name}_acc": val[name]["acc"] for name in val_attacks})
+            history.append(entry)
+            log.info(report.epoch_line(entry, cfg.epochs))
+            score = entry.get("val_pgd_acc", entry["train_acc"])
+            is_best = score >= best_score
+            best_score = max(score, best_score)
+            checkpoint.save(ckpt_path, snapshot(epoch))
+            if is_best:
+                checkpoint.save(best_path, snapshot(epoch))
+            if stop():  # the signal came during validation or saving: the epoch is complete and saved
+                raise Interrupted(f"{signal.Signals(stop.signum).name} stopped the run after epoch {epoch}; it is saved "
+                                  f"in {ckpt_path}. Run the same command again to continue.", stop.signum)
 
     eval_start = time.perf_counter()
-    test_attacks, described = evaluation_attacks(cfg.evaluation.attacks)
-    results = evaluate(model, data.batches(test_set, s.eval_batch_size, channels_last=channels_last), test_attacks,
-                       eps=s.eps, amp_dtype=eval_amp_dtype, progress=cfg.progress, desc="test",
-                       total=data.num_batches(len(test_set), s.eval_batch_size))
-    for name in described:
-        results[name].update(described[name])
+    found = evaluate_model(model, test_set, cfg.evaluation.attacks, eps_values=[(s.eps, s.eps_text)], norm=s.norm,
+                           batch_size=s.eval_batch_size, channels_last=channels_last, amp_dtype=eval_amp_dtype,
+                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress, desc="test")
+    results = found.results
     metrics = {
-        "command": "train", "dataset": dataset.name, "model": cfg.model.name,
+        "command": "train", "dataset": dataset.name, "model": model_name,
         "attack": cfg.attack._target_.rsplit(".", 1)[-1], "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs, "seed": cfg.seed,
         "num_train": len(train_set), "num_test": len(test_set), "test": results, "history": history,
         "train_time_s": train_time, "eval_time_s": time.perf_counter() - eval_start,
         "wall_time_s": time.perf_counter() - started, "device": str(device),
         "precision": runtime.describe_precision(amp_dtype), "torch": torch.__version__,
-        "checkpoint": str(ckpt_path),
+        "checkpoint": str(ckpt_path), "best_checkpoint": str(best_path), "sanity": found.sanity,
     }
     report.write_json(out / "metrics.json", metrics)
-    print(f"\n{dataset.name} / {cfg.model.name}, trained with {metrics['attack']} for {cfg.epochs} epoch(s); "
+    print(f"\n{dataset.name} / {model_name}, trained with {metrics['attack']} for {cfg.epochs} epoch(s); "
           f"test set ({len(test_set)} examples):\n{report.results_table(results, eps=s.eps, norm=s.norm)}\n"
+          + (f"{report.sanity_table(found.sanity)}\n" if found.sanity else "") +
           f"train {train_time:.1f}s, eval {metrics['eval_time_s']:.1f}s; wrote {out / 'metrics.json'}")
     return metrics
 

@@ -60,3 +60,27 @@ def tiny_batch():
     x = torch.rand(32, 1, 8, 8, generator=g)
     y = torch.randint(0, 3, (32,), generator=g)
     return x, y
+
+
+@pytest.fixture(scope="session")
+def robust_mlp():
+    """An MLP PGD-trained (eps=0.05, a few seconds) on the synthetic set, in eval mode, and the test split
+    as (x, y): x (256, 1, 12, 12) in [0, 1]. For evaluation and sanity tests that need a real model."""
+    import torch.nn.functional as F
+
+    from advcli import attacks, data
+    from advcli.models import build_model
+
+    torch.manual_seed(0)
+    train_set = data.load_split("synthetic", "train", root=".", num_train=1024)
+    test_set = data.load_split("synthetic", "test", root=".")
+    model = build_model("mlp", in_channels=1, image_size=12, num_classes=4, mean=(0.5,), std=(0.25,), hidden=[64])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for epoch in range(6):
+        for x, y in data.batches(train_set, 64, shuffle=True, generator=torch.Generator().manual_seed(epoch)):
+            x_adv = attacks.pgd(model, x, y, 0.05, steps=5)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x_adv), y).backward()
+            optimizer.step()
+    x, y = next(data.batches(test_set, len(test_set)))
+    return model.eval(), x, y

@@ -138,3 +138,92 @@ def test_bad_hyper_parameters_are_refused(tiny_model, tiny_batch, kwargs):
     x, y = tiny_batch
     with pytest.raises(ValueError):
         pgd(tiny_model, x, y, 0.1, **kwargs)
+
+
+# --- evaluation PGD (early_stop=True): an example broken once stays broken ---------------------
+
+class AttackRecorder(torch.nn.Module):
+    """Wraps a model; names the clean example behind each row it is asked about (nearest neighbour:
+    the perturbations are far smaller than the distances between examples) and remembers which
+    examples it has already seen misclassified."""
+
+    def __init__(self, model, x, y):
+        super().__init__()
+        self.model, self.x, self.y = model, x.flatten(1), y
+        self.calls: list[torch.Tensor] = []  # per forward pass: the example indices in the batch
+        self.broken_before: list[torch.Tensor] = []  # per pass: was any of them misclassified in an earlier pass?
+        self.broken = torch.zeros(len(y), dtype=torch.bool)
+
+    def forward(self, inputs):
+        ids = torch.cdist(inputs.detach().flatten(1), self.x, p=float("inf")).argmin(dim=1)
+        logits = self.model(inputs)
+        self.calls.append(ids)
+        self.broken_before.append(self.broken[ids].clone())
+        self.broken[ids[logits.detach().argmax(dim=1) != self.y[ids]]] = True
+        return logits
+
+    def rows(self) -> int:
+        return sum(len(ids) for ids in self.calls)
+
+
+def test_early_stop_pgd_never_attacks_a_broken_example_again(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    recorder = AttackRecorder(tiny_model, x, y)
+    torch.manual_seed(0)
+    x_adv = pgd(recorder, x, y, 0.05, steps=10, restarts=5, early_stop=True)
+    assert len(recorder.calls) > 11, "restarts after the first did not run"
+    assert not any(before.any() for before in recorder.broken_before), "an example broken earlier was attacked again"
+    with torch.no_grad():
+        wrong = tiny_model(x_adv).argmax(dim=1) != y
+    assert torch.equal(wrong, recorder.broken), "every example seen misclassified must come back misclassified"
+    assert 0 < wrong.sum() < len(y)  # the test means something only when some, not all, examples break
+    assert (distance(x_adv, x, "linf") <= 0.05 + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_early_stop_restarts_cost_falls_with_the_robust_fraction(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    steps, restarts = 10, 5
+    one, five = AttackRecorder(tiny_model, x, y), AttackRecorder(tiny_model, x, y)
+    torch.manual_seed(0)
+    pgd(one, x, y, 0.05, steps=steps, restarts=1, early_stop=True)
+    robust_after_one = int((~one.broken).sum())
+    torch.manual_seed(0)  # the first of the five restarts is the single run, draw for draw
+    pgd(five, x, y, 0.05, steps=steps, restarts=restarts, early_stop=True)
+    # restarts 2..5 attack only the examples the first left standing: at most steps + 1 passes each
+    assert five.rows() <= one.rows() + (restarts - 1) * (steps + 1) * robust_after_one
+    assert five.rows() < restarts * (steps + 1) * len(y) / 2  # far below what attacking everyone costs
+    assert five.broken.sum() >= one.broken.sum()
+
+
+def test_early_stop_restarts_never_raise_accuracy(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    accuracy = []
+    for restarts in (1, 3, 6):
+        torch.manual_seed(0)
+        x_adv = pgd(tiny_model, x, y, 0.05, steps=5, restarts=restarts, early_stop=True)
+        accuracy.append((tiny_model(x_adv).argmax(1) == y).float().mean().item())
+    assert accuracy[0] >= accuracy[1] >= accuracy[2]
+
+
+def test_early_stop_breaks_at_least_what_training_pgd_breaks(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    torch.manual_seed(0)
+    plain = pgd(tiny_model, x, y, 0.05, steps=10)
+    torch.manual_seed(0)
+    stopped = pgd(tiny_model, x, y, 0.05, steps=10, early_stop=True)
+    with torch.no_grad():
+        # the same path until an example breaks; it then keeps that misclassified point
+        assert ((tiny_model(stopped).argmax(1) != y) >= (tiny_model(plain).argmax(1) != y)).all()
+
+
+def test_early_stop_leaves_parameters_alone_and_runs_without_autograd_state(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    pgd(tiny_model, x, y, 0.1, steps=3, restarts=2, early_stop=True)
+    assert all(p.grad is None and p.requires_grad for p in tiny_model.parameters())
+
+
+def test_dlr_loss_is_scale_invariant_and_positive_once_misclassified():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(64, 5, generator=g), torch.randint(0, 5, (64,), generator=g)
+    assert torch.allclose(attacks.dlr(logits, y), attacks.dlr(7 * logits, y), atol=1e-5)
+    assert torch.equal(attacks.dlr(logits, y) > 0, logits.argmax(1) != y)
