@@ -178,6 +178,7 @@ def check_training(cfg: Any) -> None:
     require_int("data.val_size", cfg.data.val_size, minimum=0)
     if cfg.data.train_size is not None:
         require_int("data.train_size", cfg.data.train_size, minimum=1, hint="Use null for the whole split.")
+    require_choice("overfit_guard.action", cfg.overfit_guard.action, ("rollback", "stop", "warn", "off"))
     check_attack("attack", cfg.attack)
     check_attack("validation.attack", cfg.validation.attack)
 

@@ -184,6 +184,27 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
                          time_s=state.time_s, finished=finished)
 
 
+def overfitting(history: list[dict[str, Any]], guard: Any) -> dict[str, Any] | None:
+    """Catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapsing while training goes on.
+
+    Returns what happened when the latest epoch's PGD accuracy fell more than ``guard.drop`` (absolute)
+    below the best so far, else None; logs a warning saying what the guard does about it.
+    """
+    scores = [entry["val_pgd_acc"] for entry in history if "val_pgd_acc" in entry]
+    if guard.action == "off" or len(scores) < 2:
+        return None
+    best = max(scores)
+    if best - scores[-1] <= guard.drop:
+        return None
+    best_epoch = next(entry["epoch"] for entry in history if entry.get("val_pgd_acc") == best)
+    action = {"rollback": f"rolling back to epoch {best_epoch} (best.pt) and stopping",
+              "stop": "stopping with the last weights", "warn": "going on (overfit_guard.action=warn)"}[guard.action]
+    log.warning("catastrophic overfitting: held-out PGD accuracy fell from %.2f%% (epoch %d) to %.2f%% (epoch %d); %s",
+                100 * best, best_epoch, 100 * scores[-1], history[-1]["epoch"], action)
+    return {"triggered": True, "epoch": history[-1]["epoch"], "best_epoch": best_epoch, "best_val_pgd_acc": best,
+            "val_pgd_acc": scores[-1], "action": guard.action}
+
+
 def capture_rng() -> dict[str, Any]:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -269,7 +290,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
     history: list[dict[str, Any]] = []
-    start_epoch, partial, best_score = 0, None, -math.inf
+    start_epoch, partial, best_score, stopped = 0, None, -math.inf, None
     resume_path = find_resume_point(cfg, ckpt_path)
     if resume_path is not None:
         payload = checkpoint.load(resume_path)
@@ -286,7 +307,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "with, or resume=never to start over."
             ) from None
         start_epoch, history = payload["epoch"], list(payload["history"])
-        best_score = payload.get("best_score", -math.inf)
+        best_score, stopped = payload.get("best_score", -math.inf), payload.get("stopped")
         if payload.get("partial"):
             partial = EpochProgress(**payload["partial"])
         restore_rng(payload["rng"])
@@ -297,11 +318,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {"model": model.state_dict(), "model_spec": spec, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
                 "partial": progress.to_plain() if progress else None, "rng": capture_rng(), "history": history,
-                "best_score": best_score, "config": OmegaConf.to_container(cfg, resolve=True)}
+                "best_score": best_score, "stopped": stopped, "config": OmegaConf.to_container(cfg, resolve=True)}
 
     train_time = sum(entry["time_s"] for entry in history)
     with StopRequests() as stop:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            if stopped and cfg.overfit_guard.action in ("rollback", "stop"):
+                break
             epoch_start = time.perf_counter()
             order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # an epoch's order depends on (seed, epoch)
             loader = data.batches(train_set, cfg.batch_size, shuffle=True, generator=order,
@@ -339,6 +362,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             checkpoint.save(ckpt_path, snapshot(epoch))
             if is_best:
                 checkpoint.save(best_path, snapshot(epoch))
+            collapse = overfitting(history, cfg.overfit_guard)
+            if collapse:
+                stopped = collapse
+                if cfg.overfit_guard.action in ("rollback", "stop"):
+                    if cfg.overfit_guard.action == "rollback":
+                        model.load_state_dict(checkpoint.load(best_path)["model"])
+                    checkpoint.save(ckpt_path, snapshot(epoch))  # a rerun sees `stopped` and only evaluates
+                    break
             if stop():  # the signal came during validation or saving: the epoch is complete and saved
                 raise Interrupted(f"{signal.Signals(stop.signum).name} stopped the run after epoch {epoch}; it is saved "
                                   f"in {ckpt_path}. Run the same command again to continue.", stop.signum)
@@ -357,6 +388,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": time.perf_counter() - started, "device": str(device),
         "precision": runtime.describe_precision(amp_dtype), "torch": torch.__version__,
         "checkpoint": str(ckpt_path), "best_checkpoint": str(best_path), "sanity": found.sanity,
+        "overfit_guard": stopped or {"triggered": False},
     }
     report.write_json(out / "metrics.json", metrics)
     print(f"\n{dataset.name} / {model_name}, trained with {metrics['attack']} for {cfg.epochs} epoch(s); "
