@@ -66,32 +66,29 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in (".hydra/overrides.yaml", METRICS_FILE, FAILED_FILE))
 
 
-def is_sweep_dir(path: Path) -> bool:
-    return (path / "multirun.yaml").is_file() or (path / SWEEP_FILE).is_file()
+def runs_below(folder: Path, depth: int = 4) -> tuple[list[Path], int]:
+    """The run directories below ``folder`` in order, and how many were left out as another sweep's.
 
-
-def job_dirs(sweep_dir: Path, max_depth: int = 4) -> list[Path]:
-    """Every run directory below ``sweep_dir`` (``hydra.sweep.subdir`` may nest), hidden folders skipped."""
-    found: list[Path] = []
-    level = [sweep_dir]
-    for _ in range(max_depth):
-        below = []
-        for folder in level:
-            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                (found if is_run_dir(child) else below).append(child)
-        level = below
-    return found
-
-
-def this_sweeps_jobs(sweep_dir: Path) -> tuple[list[Path], int]:
-    """The job directories that belong to the sweep that last started in ``sweep_dir``, and how many
-    others were left out (from an earlier sweep into the same directory)."""
-    jobs = job_dirs(sweep_dir)
-    sweep = _read_json(sweep_dir / SWEEP_FILE)
-    if not sweep or "id" not in sweep:
-        return jobs, 0  # a sweep run without advcli's callback: nothing to tell its jobs apart by
-    mine = [job for job in jobs if (_read_json(job / JOB_FILE) or {}).get("sweep_id") == sweep["id"]]
-    return mine, len(jobs) - len(mine)
+    ``hydra.sweep.subdir`` may nest job directories, so the search goes ``depth`` levels down (hidden
+    folders such as ``.submitit`` skipped). Within a sweep directory (its ``sweep.json`` holds the id
+    of the sweep that last started there) only that sweep's jobs count, in job order; a folder of
+    several sweeps or runs gives each one's runs in turn.
+    """
+    found, skipped = [], 0
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if is_run_dir(child):
+            found.append(child)
+        elif depth > 1:
+            below, left_out = runs_below(child, depth - 1)
+            found, skipped = found + below, skipped + left_out
+    sweep_id = (_read_json(folder / SWEEP_FILE) or {}).get("id")
+    if sweep_id is None:  # not a sweep, or one run without advcli's callback: nothing to tell jobs apart by
+        return found, skipped
+    markers = {job: _read_json(job / JOB_FILE) or {} for job in found}
+    mine = [job for job in found if markers[job].get("sweep_id") == sweep_id]
+    mine.sort(key=lambda job: (_job_num(job, markers[job]) if _job_num(job, markers[job]) is not None else math.inf,
+                               str(job)))
+    return mine, skipped + len(found) - len(mine)
 
 
 def _fresh(result: Path, job_marker: Path) -> bool:
@@ -172,7 +169,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 def summarize(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """One row per run: each path is a sweep directory (all of that sweep's jobs) or a run directory.
 
-    Rows are sorted by job number within a sweep, in the order the paths were given otherwise.
+    Rows come in the order of the paths, a sweep's jobs by job number.
     Raises `SweepError` for a path that holds no runs.
     """
     rows: list[dict[str, Any]] = []
@@ -183,7 +180,7 @@ def summarize(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if is_run_dir(path):
             rows.append(read_run(path))
             continue
-        jobs, skipped = this_sweeps_jobs(path)
+        jobs, skipped = runs_below(path)
         if not jobs:
             raise SweepError(
                 f"{path} holds no runs: a sweep directory has one sub-directory per job (with .hydra/overrides.yaml, "
@@ -193,9 +190,7 @@ def summarize(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if skipped:
             log.info("%s: left out %d job director%s from an earlier sweep into the same directory",
                      path, skipped, "y" if skipped == 1 else "ies")
-        found = [read_run(job) for job in jobs]
-        found.sort(key=lambda row: (row["job"] if isinstance(row["job"], int) else math.inf, row["dir"]))
-        rows.extend(found)
+        rows.extend(read_run(job) for job in jobs)
     return rows
 
 
@@ -251,15 +246,15 @@ def _percent(value: Any) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
     """The human table (markdown, padded so it reads in a terminal too) and the settings common to all rows.
 
-    Columns that hold one value in every row (dataset, model, fixed overrides) move out of the table
+    Columns that hold the same value in every row (dataset, model, fixed overrides) move out of the table
     into the returned ``key=value`` list; eps and the training attack always stay.
     """
     common_text, varying = [], []
     for key in ["dataset", "model", *override_keys(rows)]:
-        values = list(dict.fromkeys(str(_cell(row, key)) for row in rows if _cell(row, key) != ""))
-        if len(values) == 1:
+        values = list(dict.fromkeys(str(_cell(row, key)) for row in rows))
+        if len(values) == 1 and values[0] != "":  # the same in every row (a blank cell: not overridden there)
             common_text.append(f"{key}={values[0]}")
-        elif values:
+        elif values != [""]:
             varying.append(key)
     names = attack_names(rows)
     header = ["job", "status", "attack", "eps", *varying, *[n.replace("_", " ") + " %" for n in names], "train s"]
@@ -291,24 +286,24 @@ def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
     text, common = table(rows)
     failed = [row for row in rows if row["status"] != "ok"]
     lines = ["# Sweep summary", ""]
-    counts = f"{len(rows)} job{'s' if len(rows) != 1 else ''}, {len(rows) - len(failed)} ok"
-    if failed:
-        counts += f", {sum(r['status'] == 'failed' for r in rows)} failed"
-        missing = sum(r["status"] == "missing" for r in rows)
-        counts += f", {missing} without results" if missing else ""
+    tally = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "missing")}
+    counts = ", ".join([f"{len(rows)} job{'s' if len(rows) != 1 else ''}", f"{tally['ok']} ok"]
+                       + [f"{tally['failed']} failed"] * bool(tally["failed"])
+                       + [f"{tally['missing']} without results"] * bool(tally["missing"]))
     if sweep and sweep.get("wall_time_s") is not None:
         counts += f"; sweep wall time {format_duration(sweep['wall_time_s'])}"
     lines.append(counts + ".")
     if common:
         lines.append(f"All jobs: {' '.join(common)}.")
-    names = [n for n in attack_names(rows) if n != "clean"]
+    names = [n for n in attack_names(rows) if n not in ("clean", "any_attack")]
     lines += ["", text, "",
               f"Accuracy in % on the test set: clean, and under each evaluation attack ({', '.join(names)}); "
               "`any attack` counts an example as robust only if every attack failed. `train s`: training time."]
     if failed:
-        lines += ["", "Failed jobs:", ""]
+        lines += ["", "Failed or unfinished jobs:" if tally["missing"] else "Failed jobs:", ""]
+        shared = {item.split("=", 1)[0] for item in common}
         for row in failed:
-            settings = " ".join(f"{k}={v}" for k, v in row["overrides"].items())
+            settings = " ".join(f"{k}={v}" for k, v in row["overrides"].items() if k not in shared)
             kind = f"{row['error_type']}: " if row["error_type"] and not row["user_error"] else ""
             lines.append(f"- job {_cell(row, 'job')} ({settings or row['dir']}): {kind}{row['error']}")
     return "\n".join(lines) + "\n"
@@ -372,6 +367,8 @@ def write_summary(rows: Sequence[dict[str, Any]], folder: Path, sweep: dict | No
         write_csv(rows, folder / "summary.csv")
         text = describe(rows, sweep)
         plotted = plot(rows, folder / "summary.png")
+        if not plotted and (folder / "summary.png").exists():
+            (folder / "summary.png").unlink()  # an earlier summary's plot would not match this table
         (folder / "summary.md").write_text(text + ("\n![clean and robust accuracy against eps](summary.png)\n"
                                                    if plotted else ""))
     except OSError as error:
@@ -467,7 +464,8 @@ def run_summarize(args: Sequence[str]) -> str:
     if unknown:
         raise SweepError(f"unknown option {unknown[0]}; the only option is --out DIR. See advcli summarize --help.")
     if not args:
-        raise SweepError("no PATH given: pass a sweep directory (outputs/multirun/DATE/TIME) or run directories.")
+        raise SweepError("no PATH given: pass a sweep directory (outputs/multirun/DATE/TIME) or run directories; "
+                         "see advcli summarize --help.")
     paths = [Path(a) for a in args]
     rows = summarize(paths)
     sweep = _read_json(paths[0] / SWEEP_FILE) if len(paths) == 1 else None
