@@ -59,6 +59,13 @@ def checkpoint_model(path: str, device: torch.device, root: str) -> tuple[torch.
     return model, test_set, float(trained["eps"]), f"{name}; {payload['model_spec']['name']} from {path}"
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else the architecture."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", help="an advcli checkpoint.pt (default: train a small model on synthetic data)")
@@ -89,8 +96,7 @@ def main() -> None:
         found = attack_outcomes(model, data.batches(test_set, args.batch_size), {"pgd": attack}, eps=eps)
         return time.perf_counter() - started, found.correct["pgd"].float().mean().item()
 
-    cpu = platform.processor() or platform.machine()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     print(f"device {name}; torch {torch.__version__}; {what}")
     print(f"PGD-{args.steps} (CE), L-inf eps={eps:.4g}, {len(test_set)} examples, batch {args.batch_size}")
     run(1, True)  # warm-up: first-call allocations and kernel selection

@@ -154,18 +154,20 @@ def test_eval_eps_list_as_typed_from_the_shell(tmp_path, tiny_checkpoint):
 def test_autoattack_breaks_at_least_what_pgd_breaks_and_stays_in_the_ball(tiny_batch):
     torch.manual_seed(0)
     model = TinyConvNet(num_classes=4).eval()
-    x, y = tiny_batch[0][:16], tiny_batch[1][:16] % 4
+    x, y, eps = tiny_batch[0][:16], tiny_batch[1][:16] % 4, 0.01  # some examples survive all four attacks
     state = torch.get_rng_state()
-    x_aa = attacks.autoattack(model, x, y, 0.05)
+    x_aa = attacks.autoattack(model, x, y, eps)
     assert torch.equal(torch.get_rng_state(), state), "AutoAttack's reseeding leaked into the caller's generator"
-    assert ((x_aa - x).abs().amax() <= 0.05 + 1e-6) and x_aa.min() >= 0 and x_aa.max() <= 1
+    assert ((x_aa - x).abs().amax() <= eps + 1e-6) and x_aa.min() >= 0 and x_aa.max() <= 1
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     torch.manual_seed(0)
-    x_pgd = pgd(model, x, y, 0.05, steps=20, early_stop=True)
+    x_pgd = pgd(model, x, y, eps, steps=20, early_stop=True)
     with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean()
         aa_acc = (model(x_aa).argmax(1) == y).float().mean()
         pgd_acc = (model(x_pgd).argmax(1) == y).float().mean()
-    assert aa_acc <= pgd_acc
+    print(f"clean {clean:.3f} PGD-20 {pgd_acc:.3f} AutoAttack {aa_acc:.3f}")
+    assert 0 < aa_acc <= pgd_acc < clean
 
 
 def test_eval_attack_autoattack_adds_it_next_to_the_defaults(tmp_path, tiny_checkpoint):
@@ -184,4 +186,12 @@ def test_missing_autoattack_extra_says_how_to_install_it(monkeypatch, tmp_path, 
         attacks.autoattack(TinyConvNet(4), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1)
     with pytest.raises(MissingExtra):  # in advcli eval: before any other attack runs
         evaluate_checkpoint(compose_config("eval", [f"ckpt={tiny_checkpoint}", "attack=autoattack", "device=cpu",
+                                                    "progress=false", f"output_dir={tmp_path}"]))
+
+
+def test_attack_choice_that_clashes_with_a_default_attack_is_refused(tmp_path, tiny_checkpoint):
+    from advcli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluation.attacks.pgd"):
+        evaluate_checkpoint(compose_config("eval", [f"ckpt={tiny_checkpoint}", "attack=pgd", "device=cpu",
                                                     "progress=false", f"output_dir={tmp_path}"]))
