@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcli.errors import UserError
+from advcli.errors import ConfigError, UserError
 
 Attack = Callable[..., torch.Tensor]
 
@@ -322,6 +322,16 @@ def require_autoattack() -> type:
     return AutoAttack
 
 
+def _square_l2_fits(h: int, w: int) -> bool:
+    """Whether the reference Square attack's L2 initialisation (a grid of s x s squares, s = h // 5, from an
+    offset (h - 5s) // 2) stays inside an h x w image; it indexes past the edge otherwise and crashes."""
+    s = h // 5
+    if s < 1:
+        return False
+    offset = (h - 5 * s) // 2
+    return offset + (h // s) * s <= h and offset + (w // s) * s <= w
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
                version: str = "standard", seed: int = 0, **_: object) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
@@ -354,7 +364,13 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     with torch.no_grad():
         num_classes = model(x[:1]).shape[1]
     if num_classes < 4:
-        raise ValueError(f"AutoAttack's targeted DLR loss needs at least 4 classes; this model has {num_classes}")
+        raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
+                          "evaluate it with the other attacks (leave attack=autoattack out).")
+    if norm == "l2" and not _square_l2_fits(x.shape[-2], x.shape[-1]):
+        raise ConfigError(
+            f"AutoAttack's L2 Square attack cannot handle {x.shape[-2]}x{x.shape[-1]} images: its initial grid of "
+            "squares runs past the image edge (a limitation of the reference code; 28x28 and 32x32 work). Use "
+            "norm=linf with attack=autoattack, or leave attack=autoattack out.")
     logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its warnings (e.g. zero gradients) still show
     adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version=version, seed=seed, device=x.device)
     adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)

@@ -18,6 +18,7 @@ restarts. Probes count an example misclassified without any attack as broken, as
 | ``large_eps_reaches_zero`` | at eps = 1 (L-inf; the cube diagonal for L2) accuracy is ~0% | gradient masking, or a broken attack |
 | ``more_steps_do_not_raise_accuracy`` | 5x steps and 2x restarts never raise accuracy | a randomised model or defence (use EOT) |
 | ``attack_converged`` | that stronger PGD breaks (almost) nothing the evaluation missed | the evaluation attacks are too weak |
+| ``autoattack_agrees_with_pgd`` | (with attack=autoattack) AutoAttack breaks (almost) nothing PGD missed | gradient masking, or a weak PGD |
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from advcli.config import format_eps
 # A probe: (attack, eps) -> per-example "still correctly classified" on the probe examples, bool (n,).
 Measure = Callable[[attacks.Attack, float], torch.Tensor]
 
-ITERATIVE = ("pgd", "autoattack")
+ITERATIVE = ("pgd",)  # AutoAttack has its own check: with it here, its strength would hide a weak PGD
 
 
 def large_eps(norm: str, dim: int) -> float:
@@ -146,6 +147,22 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str,
             "gradient masking: the loss is flat or noisy near x, so small gradient steps get nowhere while one "
             "large step happens to land (Athalye et al. 2018; Carlini et al. 2019). Less often, a PGD step size "
             "(alpha) far too small for its number of steps."))
+
+    # AutoAttack, when evaluated, finds (almost) nothing the PGD attacks missed
+    ensembles = [name for name, kind in kinds.items() if kind == "autoattack"]
+    pgds = [name for name, kind in kinds.items() if kind == "pgd"]
+    if ensembles and pgds:
+        lines, ok = [], True
+        for eps in (e for e in eps_values if e > 0):
+            best = min(pgds, key=lambda name: results[eps][name]["acc"])
+            ours, theirs = results[eps][best]["acc"], min(results[eps][name]["acc"] for name in ensembles)
+            ok &= theirs >= ours - on_all
+            lines.append(f"eps={format_eps(eps)}: {best} {pct(ours)}, AutoAttack {pct(theirs)}")
+        checks.append(check(
+            "autoattack_agrees_with_pgd", "AutoAttack breaks (almost) nothing that PGD missed", ok, "; ".join(lines),
+            "gradient masking, or a PGD too weak for this model: AutoAttack's step-size-free APGD, its targeted "
+            "losses or its gradient-free Square attack found what PGD could not (Croce & Hein 2020). Trust the "
+            "AutoAttack number, and look for what blocks PGD's gradient."))
 
     # probes with the strongest evaluation PGD on the probe examples: its accuracy by eps, up to a huge eps
     base_name, base = base_attack(described, {k: v["acc"] for k, v in results[top].items() if k in described})

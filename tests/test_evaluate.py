@@ -178,6 +178,8 @@ def test_eval_attack_autoattack_adds_it_next_to_the_defaults(tmp_path, tiny_chec
     row = metrics["test"]["autoattack"]
     assert row["attack"] == "autoattack" and row["version"] == "standard" and row["norm"] == "linf"
     assert row["acc"] <= metrics["test"]["clean"]["acc"]
+    checks = {check["name"]: check for check in metrics["sanity"]["checks"]}
+    assert "autoattack_agrees_with_pgd" in checks and "AutoAttack" in checks["autoattack_agrees_with_pgd"]["detail"]
 
 
 def test_missing_autoattack_extra_says_how_to_install_it(monkeypatch, tmp_path, tiny_checkpoint):
@@ -195,3 +197,13 @@ def test_attack_choice_that_clashes_with_a_default_attack_is_refused(tmp_path, t
     with pytest.raises(ConfigError, match="evaluation.attacks.pgd"):
         evaluate_checkpoint(compose_config("eval", [f"ckpt={tiny_checkpoint}", "attack=pgd", "device=cpu",
                                                     "progress=false", f"output_dir={tmp_path}"]))
+
+
+def test_autoattack_refuses_inputs_the_reference_code_cannot_handle():
+    from advcli.errors import ConfigError
+
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ConfigError, match="at least 4 classes"):
+        attacks.autoattack(TinyConvNet(3).eval(), x, y, 0.1)
+    with pytest.raises(ConfigError, match="L2 Square attack cannot handle 8x8"):
+        attacks.autoattack(TinyConvNet(4).eval(), x, y, 0.5, norm="l2")

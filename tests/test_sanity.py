@@ -24,11 +24,14 @@ class Quantized(torch.nn.Module):
         return self.model(torch.round(x * 4) / 4)
 
 
-def sanity_of(model, x, y, eps=0.05):
-    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1"])
+def sanity_of(model, x, y, eps=0.05, *overrides):
+    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", *overrides])
     images = data.ImageSet((x * 255).round().to(torch.uint8), y)
+    attack_cfgs = dict(cfg.evaluation.attacks)
+    if cfg.get("attack") is not None:
+        attack_cfgs["autoattack"] = cfg.attack
     torch.manual_seed(0)
-    found = evaluate_model(model, images, cfg.evaluation.attacks, eps_values=[(eps, str(eps))], norm="linf",
+    found = evaluate_model(model, images, attack_cfgs, eps_values=[(eps, str(eps))], norm="linf",
                            batch_size=256, sanity_cfg=cfg.evaluation.sanity)
     print(report.results_table(found.results, eps=eps, norm="linf"))
     print(report.sanity_table(found.sanity))
@@ -56,6 +59,12 @@ def test_a_gradient_masked_model_is_flagged_with_a_likely_cause(robust_mlp):
         assert check["verdict"] in ("pass", "warn")
         assert (check["likely_cause"] is None) == (check["verdict"] == "pass")
     assert "shattered gradients" in checks["gradients_nonzero"]["likely_cause"]
+
+
+def test_autoattack_beating_pgd_is_flagged(robust_mlp):
+    model, x, y = robust_mlp
+    sanity, checks = sanity_of(Quantized(model).eval(), x[:64], y[:64], 0.1, "attack=autoattack")
+    assert checks["autoattack_agrees_with_pgd"]["verdict"] == "warn"  # Square needs no gradient
 
 
 def test_every_training_run_prints_and_saves_the_sanity_report(tmp_path, capsys):
