@@ -43,7 +43,6 @@ JOB_FILE = "job.json"         # in each job directory: the id of the sweep the j
 METRICS_FILE = "metrics.json"
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 IDENTITY = ("dataset", "model", "attack", "eps")  # always known per job; never repeated as override columns
-MTIME_SLACK_S = 1.0           # file-system timestamp resolution allowed when comparing a result with its job
 
 
 class SweepError(UserError):
@@ -97,7 +96,8 @@ def _fresh(result: Path, job_marker: Path) -> bool:
         return False
     if not job_marker.is_file():
         return True
-    return result.stat().st_mtime >= job_marker.stat().st_mtime - MTIME_SLACK_S
+    # both written by the job's own machine, the marker first: a coarse clock can make them equal, never reversed
+    return result.stat().st_mtime >= job_marker.stat().st_mtime
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -146,8 +146,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         row.update(status="ok", dataset=metrics.get("dataset"), model=metrics.get("model"),
                    attack=metrics.get("attack"), eps=metrics.get("eps_text", metrics.get("eps")),
                    eps_value=metrics.get("eps"))
-        for name, result in metrics.get("test", {}).items():
-            row[f"{name}_acc"] = result.get("acc")
+        for name, result in (metrics.get("test") or {}).items():
+            if isinstance(result, dict) and isinstance(result.get("acc"), (int, float)):
+                row[f"{name}_acc"] = result["acc"]
         for key in ("train_time_s", "eval_time_s"):
             row[key] = metrics.get(key)
     else:  # no results: describe the job from the config it was given
