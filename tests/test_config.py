@@ -44,7 +44,7 @@ def test_train_config_composes_with_every_group_and_eps_as_typed():
     assert cfg.eps == "8/255" and config.parse_eps(cfg.eps) == pytest.approx(8 / 255)
     assert cfg.attack._target_ == "advcli.attacks.pgd" and cfg.attack.norm == "linf"
     assert cfg.model.name == "preact_resnet18" and cfg.dataset.name == "cifar10"
-    assert set(cfg.evaluation.attacks) == {"clean", "fgsm", "pgd"}
+    assert set(cfg.evaluation.attacks) == {"clean", "fgsm", "pgd", "pgd_margin"}
     assert cfg.evaluation.attacks.pgd.steps >= 20 > cfg.attack.steps
     cfg = compose_config("train", ["restarts=4", "norm=l2"])
     assert cfg.attack.restarts == 4 and cfg.evaluation.attacks.pgd.restarts == 4

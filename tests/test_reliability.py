@@ -20,6 +20,7 @@ from conftest import REPO, compose_config, tiny_overrides
 # about a second per epoch on 2 CPU cores: long enough to be stopped in the middle of epoch 2
 SLOW_TINY = ["dataset=synthetic", "dataset.num_train=4096", "model=cnn", "attack=pgd", "attack.steps=3", "epochs=3",
              "batch_size=64", "eps=0.1", "eps_warmup=0", "data.val_size=64", "evaluation.num_examples=128",
+             "evaluation.sanity.enabled=false",
              "device=cpu", "progress=false", "log_every=1"]
 
 
