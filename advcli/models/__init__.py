@@ -119,7 +119,7 @@ def build_model(
 
 def uses_batchnorm(model: nn.Module) -> bool:
     """True if ``model`` has a batch-norm layer, whose output depends on
-    ``train()``/``eval()`` mode and on the other examples in the batch."""
+    train or eval mode and on the other examples in the batch."""
     return any(isinstance(m, _BATCHNORM_TYPES) for m in model.modules())
 
 
