@@ -174,6 +174,9 @@ def check_training(cfg: Any) -> None:
     if float(cfg.eps_warmup) < 0:
         raise ConfigError(f"eps_warmup={cfg.eps_warmup} is negative; it is a number of epochs (0: no warm-up).")
     require_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    if not 0 < float(cfg.lr_peak) < 1:
+        raise ConfigError(f"lr_peak={cfg.lr_peak} must lie strictly between 0 and 1: it is the fraction of training "
+                          "at which the one-cycle learning rate peaks (0.5: the middle).")
     require_choice("attack_mode", cfg.attack_mode, ATTACK_MODES)
     require_int("data.val_size", cfg.data.val_size, minimum=0)
     if cfg.data.train_size is not None:

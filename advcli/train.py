@@ -54,13 +54,15 @@ class Interrupted(UserError):
         self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
-def lr_schedule(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning-rate schedule: ``constant``; ``onecycle`` (linear up to lr over the first
-    half, then down to 0: the cyclic schedule of Wong et al. 2020); ``cosine`` (down to 0)."""
+def lr_schedule(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int,
+                peak: float = 0.5) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule: ``constant``; ``onecycle`` (linear up to lr at the fraction
+    ``peak`` of training, then down to 0: the cyclic schedule of Wong et al. 2020, who peak at 0.4 on
+    MNIST and 0.5 on CIFAR-10); ``cosine`` (down to 0)."""
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if name == "onecycle":
-        half = max(1, total_steps // 2)
+        half = max(1, round(total_steps * peak))
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: step / half if step < half else max(0.0, (total_steps - step) / max(1, total_steps - half)))
     if name == "cosine":
@@ -280,7 +282,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
     steps_per_epoch = data.num_batches(len(train_set), cfg.batch_size, drop_last=False)
-    scheduler = lr_schedule(cfg.lr_schedule, optimizer, total_steps=cfg.epochs * steps_per_epoch)
+    scheduler = lr_schedule(cfg.lr_schedule, optimizer, total_steps=cfg.epochs * steps_per_epoch,
+                            peak=float(cfg.lr_peak))
     warmup_steps = round(float(cfg.eps_warmup) * steps_per_epoch)
     scaler = runtime.grad_scaler(device, amp_dtype)
     train_attack = hydra.utils.instantiate(cfg.attack)

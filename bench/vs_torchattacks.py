@@ -1,10 +1,15 @@
 """advcli's training step against the loop users write around torchattacks.PGD, in the same run.
 
-Both train the Madry MNIST CNN for one epoch of PGD-7 adversarial training at eps=0.1 on the same
-10,000 images, in the same order, from the same initial weights, with the same step size and Adam;
-then both models are measured on the first 1,000 test images (clean and PGD-20, fp32). advcli runs
-through its own `advcli.train.train_epoch` with its defaults (amp=auto, channels_last=auto) and with
-everything off (fp32, contiguous). torchattacks is a benchmark-only dependency (pip install torchattacks).
+Each variant trains the Madry MNIST CNN for one epoch of PGD-7 adversarial training at eps=0.1 on the
+same 10,000 images, in the same order, from the same initial weights, with the same step size and Adam;
+then its model is measured on the first 1,000 test images (clean and PGD-20, fp32). advcli runs through
+its own `advcli.train.train_epoch` and on-device batches, with its defaults (amp=auto, channels_last=auto)
+and with everything off (fp32, contiguous). torchattacks is a benchmark-only dependency
+(pip install torchattacks).
+
+The variants take turns, ``--chunk`` batches at a time (the order rotating every round), and each
+variant's time is the sum of its own chunks: on a shared machine a slow minute then costs every variant
+alike instead of whichever happened to run in it.
 
     python bench/vs_torchattacks.py                    # about 2-3 minutes on 2 CPU cores
     python bench/vs_torchattacks.py --train 60000      # the full training split
@@ -13,11 +18,13 @@ everything off (fp32, contiguous). torchattacks is a benchmark-only dependency (
 from __future__ import annotations
 
 import argparse
+import itertools
+import time
 
 import torch
 import torch.nn.functional as F
 
-from common import describe_machine, mnist, timed
+from common import describe_machine, mnist
 
 from advcli import attacks, data, runtime  # noqa: E402
 from advcli.evaluate import prepare_model  # noqa: E402
@@ -28,36 +35,53 @@ EPS, STEPS, BATCH = 0.1, 7, 128
 ALPHA = 2.5 * EPS / STEPS
 
 
-def fresh_model() -> torch.nn.Module:
+def fresh_model(device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("cnn", in_channels=1, image_size=28, num_classes=10, mean=(0.1307,), std=(0.3081,))
+    model = build_model("cnn", in_channels=1, image_size=28, num_classes=10, mean=(0.1307,), std=(0.3081,))
+    return model.to(device)
 
 
-def torchattacks_epoch(model, images: data.ImageSet, order: torch.Generator) -> None:
-    """The loop a torchattacks user writes: attack the batch, then one optimiser step on it."""
-    import torchattacks
+class TorchattacksLoop:
+    """The loop a torchattacks user writes: attack the batch, then one optimiser step on it (fp32)."""
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    attack = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
-    for x, y in data.batches(images, BATCH, shuffle=True, generator=order):
-        x_adv = attack(x, y)
-        model.train()
-        loss = F.cross_entropy(model(x_adv), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    label = "torchattacks.PGD loop (fp32)"
+
+    def __init__(self, images: data.ImageSet, device: torch.device):
+        import torchattacks
+
+        self.model = fresh_model(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.attack = torchattacks.PGD(self.model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
+        self.loader = data.batches(images, BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def run(self, n: int) -> None:
+        for x, y in itertools.islice(self.loader, n):
+            x_adv = self.attack(x, y)
+            self.model.train()
+            loss = F.cross_entropy(self.model(x_adv), y)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
 
 
-def advcli_epoch(model, images: data.ImageSet, order: torch.Generator, *, amp: str, channels_last) -> torch.nn.Module:
-    device = next(model.parameters()).device
-    model, use_cl = prepare_model(model, device, channels_last)
-    amp_dtype = runtime.resolve_amp(amp, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = data.batches(images, BATCH, shuffle=True, generator=order, channels_last=use_cl)
-    train_epoch(model, loader, lambda m, x, y, e: attacks.pgd(m, x, y, e, alpha=ALPHA, steps=STEPS), eps=EPS,
-                optimizer=optimizer, scheduler=lr_schedule("constant", optimizer, total_steps=1),
-                scaler=runtime.grad_scaler(device, amp_dtype), amp_dtype=amp_dtype, progress=False, log_every=10**9)
-    return model
+class Advcli:
+    """advcli's training epoch (`train_epoch`, advcli's PGD, on-device batches), fed ``n`` batches at a time."""
+
+    def __init__(self, images: data.ImageSet, device: torch.device, *, amp: str, channels_last, label: str):
+        self.label = label
+        self.model, use_cl = prepare_model(fresh_model(device), device, channels_last)
+        self.amp_dtype = runtime.resolve_amp(amp, device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.scheduler = lr_schedule("constant", self.optimizer, total_steps=1)
+        self.scaler = runtime.grad_scaler(device, self.amp_dtype)
+        self.loader = data.batches(images, BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                   channels_last=use_cl)
+
+    def run(self, n: int) -> None:
+        train_epoch(self.model, itertools.islice(self.loader, n),
+                    lambda m, x, y, e: attacks.pgd(m, x, y, e, alpha=ALPHA, steps=STEPS), eps=EPS,
+                    optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, amp_dtype=self.amp_dtype,
+                    progress=False, log_every=10**9)
 
 
 def accuracy(model, test: data.ImageSet) -> tuple[float, float]:
@@ -73,32 +97,44 @@ def accuracy(model, test: data.ImageSet) -> tuple[float, float]:
     return clean / len(test), robust / len(test)
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=10_000, help="training images (one epoch)")
     parser.add_argument("--test", type=int, default=1_000, help="test images for the accuracies")
+    parser.add_argument("--chunk", type=int, default=8, help="batches a variant runs before the next takes its turn")
     args = parser.parse_args()
     print(describe_machine())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, test = mnist("train", args.train).to(device), mnist("test", args.test).to(device)
     print(f"Madry CNN, MNIST, {args.train} training images, batch {BATCH}, PGD-{STEPS} eps={EPS} alpha={ALPHA:.4f}, "
-          f"Adam 1e-3; accuracies on {args.test} test images (PGD-20, fp32)\n")
+          f"Adam 1e-3; accuracies on {args.test} test images (PGD-20, fp32); variants interleaved every "
+          f"{args.chunk} batches\n")
 
-    rows = []
-    model = fresh_model().to(device)
-    torch.manual_seed(1)
-    _, baseline = timed(torchattacks_epoch, model, images, torch.Generator().manual_seed(0))
-    rows.append(("torchattacks.PGD loop (fp32)", baseline, *accuracy(model, test)))
-    for label, amp, channels_last in (("advcli, defaults (amp=auto, channels_last=auto)", "auto", "auto"),
-                                      ("advcli, amp=off channels_last=false", "off", False)):
-        torch.manual_seed(1)
-        trained, seconds = timed(advcli_epoch, fresh_model().to(device), images, torch.Generator().manual_seed(0),
-                                 amp=amp, channels_last=channels_last)
-        rows.append((label, seconds, *accuracy(trained, test)))
+    variants = [TorchattacksLoop(images, device),
+                Advcli(images, device, amp="auto", channels_last="auto",
+                       label="advcli, defaults (amp=auto, channels_last=auto)"),
+                Advcli(images, device, amp="off", channels_last=False, label="advcli, amp=off channels_last=false")]
+    seconds = [0.0] * len(variants)
+    batches = data.num_batches(args.train, BATCH)
+    for round_, start in enumerate(range(0, batches, args.chunk)):
+        n = min(args.chunk, batches - start)
+        for i in ((round_ + j) % len(variants) for j in range(len(variants))):
+            torch.manual_seed(round_)  # the same random starts for every variant
+            synchronize()
+            begin = time.perf_counter()
+            variants[i].run(n)
+            synchronize()
+            seconds[i] += time.perf_counter() - begin
 
     print(f"{'variant':<50} {'train s':>8} {'img/s':>7} {'speed-up':>9} {'clean':>7} {'PGD-20':>7}")
-    for label, seconds, clean, robust in rows:
-        print(f"{label:<50} {seconds:>8.1f} {args.train / seconds:>7.0f} {baseline / seconds:>8.2f}x "
+    for variant, spent in zip(variants, seconds):
+        clean, robust = accuracy(variant.model, test)
+        print(f"{variant.label:<50} {spent:>8.1f} {args.train / spent:>7.0f} {seconds[0] / spent:>8.2f}x "
               f"{100 * clean:>6.1f}% {100 * robust:>6.1f}%")
 
 

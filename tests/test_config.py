@@ -70,7 +70,8 @@ def test_data_root_follows_the_environment(monkeypatch, tmp_path):
                                           ("restarts=0", "restarts"), ("attack.steps=0", "attack.steps"),
                                           ("evaluation.attacks.pgd.steps=-1", "evaluation.attacks.pgd.steps"),
                                           ("lr=-1", "lr"), ("norm=l1", "norm"), ("amp=fp8", "amp"),
-                                          ("lr_schedule=step", "lr_schedule"), ("attack_mode=test", "attack_mode")])
+                                          ("lr_schedule=step", "lr_schedule"), ("attack_mode=test", "attack_mode"),
+                                          ("lr_peak=1", "lr_peak"), ("lr_peak=0", "lr_peak")])
 def test_bad_values_are_refused_by_name(override, key):
     cfg = compose_config("train", [override])
     with pytest.raises(ConfigError) as error:

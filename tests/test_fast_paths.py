@@ -117,10 +117,26 @@ def test_rollback_restores_the_best_epoch_and_a_rerun_keeps_it(tmp_path, monkeyp
     assert len(again["history"]) == 3 and again["test"]["clean"]["acc"] == metrics["test"]["clean"]["acc"]
 
 
+@pytest.mark.parametrize("peak", [0.4, 0.5])
+def test_onecycle_rises_linearly_to_lr_at_its_peak_then_falls_to_zero(peak):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    scheduler = lr_schedule("onecycle", optimizer, total_steps=100, peak=peak)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    top = round(100 * peak)
+    assert rates[0] == 0.0 and max(rates) == pytest.approx(0.2) and rates.index(max(rates)) == top
+    assert rates[top // 2] == pytest.approx(0.1)  # linear on the way up
+    assert all(a > b for a, b in zip(rates[top:], rates[top + 1:])) and rates[-1] < 0.01
+
+
 def test_fast_at_preset_composes_and_runs(tmp_path):
     cfg = compose_config("train", tiny_overrides(tmp_path, "experiment=fast_at", "epochs=2"))
     assert cfg.attack._target_ == "advcli.attacks.fgsm" and cfg.attack.random_start is True
     assert cfg.lr_schedule == "onecycle" and cfg.overfit_guard.action == "rollback"
+    assert compose_config("train", ["experiment=fast_at", "model=small_cnn"]).model.name == "small_cnn"
     metrics = train(cfg)
     assert metrics["attack"] == "fgsm" and len(metrics["history"]) == 2
     assert metrics["history"][0]["lr"] == 0.0  # the one-cycle schedule starts from zero

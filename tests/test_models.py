@@ -15,6 +15,7 @@ from advcli.models import (
     ModelError,
     Normalize,
     PreActResNet18,
+    SmallCNN,
     build_model,
     is_convolutional,
     uses_batchnorm,
@@ -54,7 +55,7 @@ def test_output_shape(name: str, data: str, num_classes: int) -> None:
 
 
 def test_registry_names_and_classes() -> None:
-    assert MODELS == {"mlp": MLP, "cnn": MadryCNN, "preact_resnet18": PreActResNet18}
+    assert MODELS == {"mlp": MLP, "cnn": MadryCNN, "small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
 
 
 def test_madry_cnn_has_paper_layer_sizes_on_mnist() -> None:
@@ -74,6 +75,36 @@ def test_madry_cnn_fc_input_follows_image_size(image_size: int, side: int) -> No
     assert net.conv2.weight.shape == (128, 64, 5, 5)
     assert net.fc1.in_features == 128 * side * side
     assert net(torch.randn(2, 3, image_size, image_size)).shape == (2, 10)
+
+
+def test_madry_cnn_pools_before_relu_and_computes_the_papers_function() -> None:
+    # the forward pools first (cheaper); max commutes with ReLU, so outputs and input gradients are
+    # those of the paper's conv -> ReLU -> pool order
+    torch.manual_seed(0)
+    net = MadryCNN(in_channels=1, image_size=28, num_classes=10)
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+
+    def paper_order(x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(net.conv1(x)), 2)
+        h = F.max_pool2d(F.relu(net.conv2(h)), 2)
+        return net.fc2(F.relu(net.fc1(h.flatten(1))))
+
+    ours, reference = net(x), paper_order(x)
+    torch.testing.assert_close(ours, reference)
+    y = torch.arange(4)
+    torch.testing.assert_close(torch.autograd.grad(F.cross_entropy(ours, y), x)[0],
+                               torch.autograd.grad(F.cross_entropy(reference, y), x)[0])
+
+
+def test_small_cnn_has_wong_and_kolter_layer_sizes_on_mnist() -> None:
+    net = SmallCNN(in_channels=1, image_size=28, num_classes=10)
+    assert net.conv1.weight.shape == (16, 1, 4, 4) and net.conv1.stride == (2, 2)
+    assert net.conv2.weight.shape == (32, 16, 4, 4) and net.conv2.stride == (2, 2)
+    assert net.fc1.weight.shape == (100, 32 * 7 * 7)
+    assert net.fc2.weight.shape == (10, 100)
+    assert SmallCNN(in_channels=3, image_size=32, num_classes=10, width=2).fc1.in_features == 64 * 8 * 8
+    with pytest.raises(ValueError, match="image_size"):
+        SmallCNN(in_channels=1, image_size=3, num_classes=10)
 
 
 def test_madry_cnn_rejects_images_too_small_to_pool_twice() -> None:
@@ -187,7 +218,7 @@ def test_unknown_model_name_lists_valid_names() -> None:
         build_model("resnet50", in_channels=3, image_size=32, num_classes=10, mean=STATS[3][0], std=STATS[3][1])
     message = str(info.value)
     assert "resnet50" in message
-    assert "cnn, mlp, preact_resnet18" in message  # sorted
+    assert "cnn, mlp, preact_resnet18, small_cnn" in message  # sorted
     assert "model=" in message
 
 
@@ -215,7 +246,7 @@ def test_model_error_is_not_a_type_error() -> None:
 
 
 def test_uses_batchnorm_and_is_convolutional() -> None:
-    expected = {"mlp": (False, False), "cnn": (False, True), "preact_resnet18": (True, True)}
+    expected = {"mlp": (False, False), "cnn": (False, True), "small_cnn": (False, True), "preact_resnet18": (True, True)}
     for name, (bn, conv) in expected.items():
         model = make(name, 1, 12)
         assert uses_batchnorm(model) is bn, name

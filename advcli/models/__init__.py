@@ -23,6 +23,7 @@ from advcli.models.cnn import MadryCNN
 from advcli.models.mlp import MLP
 from advcli.models.normalize import Normalize
 from advcli.models.preact_resnet import PreActResNet18
+from advcli.models.small_cnn import SmallCNN
 
 __all__ = [
     "MODELS",
@@ -31,12 +32,13 @@ __all__ = [
     "ModelError",
     "Normalize",
     "PreActResNet18",
+    "SmallCNN",
     "build_model",
     "is_convolutional",
     "uses_batchnorm",
 ]
 
-MODELS: dict[str, type] = {"mlp": MLP, "cnn": MadryCNN, "preact_resnet18": PreActResNet18}
+MODELS: dict[str, type] = {"mlp": MLP, "cnn": MadryCNN, "small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
 
 # given by build_model itself, never through **kwargs
 _SHAPE_ARGS = ("in_channels", "image_size", "num_classes")
@@ -72,7 +74,7 @@ def build_model(
     """Build model ``name`` behind a ``Normalize(mean, std)`` layer.
 
     Arguments:
-        name (str): a key of ``MODELS``: ``cnn``, ``mlp`` or ``preact_resnet18``.
+        name (str): a key of ``MODELS``: ``cnn``, ``small_cnn``, ``mlp`` or ``preact_resnet18``.
         in_channels (int): image channels C; ``mean`` and ``std`` need C values.
         image_size (int): image height and width H = W.
         num_classes (int): number of outputs K (K + 1 for an extra "adversarial" class).
