@@ -179,7 +179,7 @@ def none(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.0, *
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        loss: str = "ce", early_stop: bool = False) -> torch.Tensor:
+        loss: str = "ce", early_stop: bool = False, targeted: bool = False) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018, "Towards Deep Learning Models Resistant to
     Adversarial Attacks"): ``steps`` ascent steps of size ``alpha``, each projected back onto the
     ``norm`` ball of radius ``eps`` and onto the [0, 1] pixel box.
@@ -200,6 +200,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
             earlier restart broke; examples never broken keep their highest-loss point. The work
             falls with the robust fraction. Use it with the model in eval mode: the batch shrinks
             as examples break, which BatchNorm in train mode would notice.
+        targeted: ``y`` holds target classes and the attack descends the loss towards them (restarts
+            keep the point closest to the target); not with ``early_stop``.
 
     Returns:
         x_adv: (B, C, H, W), detached, in [0, 1], with x_adv - x inside the ball.
@@ -214,6 +216,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
         alpha = 2.5 * eps / steps
     project, random_init, ascent = THREAT_MODELS[norm]
     loss_fn = LOSSES[loss]
+    if targeted:
+        if early_stop:
+            raise ValueError("early_stop asks whether an example can be misclassified; a targeted attack cannot use it")
+        untargeted_loss = loss_fn
+        loss_fn = lambda logits, target: -untargeted_loss(logits, target)  # noqa: E731
     x = x.detach()
     if early_stop:
         with frozen_parameters(model), torch.no_grad():

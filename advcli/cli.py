@@ -12,13 +12,15 @@ import sys
 COMMANDS = {
     "train": ("advcli.train", "train a model (min-max adversarial training), then evaluate it against every attack"),
     "eval": ("advcli.evaluate", "evaluate a checkpoint: advcli eval ckpt=PATH [eps=...] [restarts=...]"),
+    "viz": ("advcli.viz", "pictures of a checkpoint: advcli viz ckpt=PATH [compare=PATH2] [eps=...]"),
     "summarize": ("advcli.sweep", "rebuild a sweep's summary table and plot: advcli summarize PATH [PATH ...]"),
 }
 
 USAGE = "usage: advcli {" + ",".join(COMMANDS) + "} [HYDRA OVERRIDES ...]\n\ncommands:\n" + "\n".join(
     f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()
 ) + "\n\nExamples:\n  advcli train attack=pgd eps=8/255\n  advcli train -m eps=2/255,4/255,8/255\n" \
-    "  advcli eval ckpt=outputs/DATE/TIME/checkpoint.pt eps=0.2 restarts=5\n  advcli train --help\n" \
+    "  advcli eval ckpt=outputs/DATE/TIME/checkpoint.pt eps=0.2 restarts=5\n" \
+    "  advcli viz ckpt=outputs/DATE/TIME/checkpoint.pt compare=outputs/DATE2/TIME2/checkpoint.pt\n  advcli train --help\n" \
     "  advcli summarize outputs/multirun/DATE/TIME"
 
 
@@ -33,7 +35,7 @@ def main() -> None:
         sys.exit(2)
     module = importlib.import_module(COMMANDS[command][0])
     args = sys.argv[2:]
-    if command in ("train", "eval"):
+    if command in ("train", "eval", "viz"):
         check_run_directory(args)
     sys.argv = [f"advcli {command}", *args]
     module.main()

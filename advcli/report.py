@@ -117,6 +117,38 @@ def plot_curve(path: str | Path, curve: list[Mapping[str, Any]], *, norm: str, t
     atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png"))
 
 
+def plot_training_curves(path: str | Path, history: list[Mapping[str, Any]], *, title: str = "") -> None:
+    """Per-epoch accuracy (training on attacked batches, held-out clean and PGD) and training loss, as a PNG.
+
+    Held-out PGD accuracy is the curve to watch: a collapse while training accuracy rises is catastrophic
+    overfitting."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [entry["epoch"] for entry in history]
+    figure = Figure(figsize=(9, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    accuracy, loss = figure.subplots(1, 2)
+    for key, label, style in (("train_acc", "training (attacked batches)", ":"), ("val_clean_acc", "held-out clean", "--"),
+                              ("val_pgd_acc", "held-out PGD", "-")):
+        points = [(entry["epoch"], 100 * entry[key]) for entry in history if key in entry]
+        if points:
+            accuracy.plot(*zip(*points), marker="o", linestyle=style, label=label)
+    accuracy.set_ylabel("accuracy (%)")
+    accuracy.set_ylim(-2, 102)
+    accuracy.legend(fontsize=8)
+    loss.plot(epochs, [entry["train_loss"] for entry in history], marker="o", label="training loss")
+    loss.set_ylabel("cross-entropy on attacked batches")
+    for ax in (accuracy, loss):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png"))
+
+
 def sanity_table(sanity: Mapping[str, Any]) -> str:
     """The sanity report: one line per check (verdict, what it asks, the numbers), the likely cause under a warning."""
     lines = [f"sanity checks (Athalye et al. 2018; Carlini et al. 2019) on the first {sanity['num_examples']} "

@@ -394,10 +394,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "overfit_guard": stopped or {"triggered": False},
     }
     report.write_json(out / "metrics.json", metrics)
+    if history:
+        report.plot_training_curves(out / "training_curves.png", history,
+                                    title=f"{model_name} on {dataset.name}, {metrics['attack']} training, eps={s.eps_text}")
     print(f"\n{dataset.name} / {model_name}, trained with {metrics['attack']} for {cfg.epochs} epoch(s); "
           f"test set ({len(test_set)} examples):\n{report.results_table(results, eps=s.eps, norm=s.norm)}\n"
           + (f"{report.sanity_table(found.sanity)}\n" if found.sanity else "") +
-          f"train {train_time:.1f}s, eval {metrics['eval_time_s']:.1f}s; wrote {out / 'metrics.json'}")
+          f"train {train_time:.1f}s, eval {metrics['eval_time_s']:.1f}s; wrote {out / 'metrics.json'}"
+          + (f" and {out / 'training_curves.png'}" if history else ""))
     return metrics
 
 

@@ -38,6 +38,14 @@ def test_train_as_typed_parses_eps_and_evaluates_from_the_shell(tmp_path):
     assert again["eps"] == pytest.approx(0.2) and again["test"]["pgd"]["restarts"] == 2
     assert again["test"]["clean"]["acc"] == metrics["test"]["clean"]["acc"]
 
+    pictures = advcli("viz", f"ckpt={run / 'checkpoint.pt'}", "device=cpu", "num_images=4", "loss_examples=32",
+                      "pgd_steps=3", f"hydra.run.dir={tmp_path / 'viz'}")
+    assert pictures.returncode == 0, pictures.stderr
+    for name in ("gallery", "saliency", "loss_distribution", "large_eps"):
+        assert (tmp_path / "viz" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    missing = advcli("viz", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path / 'viz2'}")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
 
 @pytest.mark.parametrize("eps,fragment", [("8/0", "divides by zero"), ("-1", "negative"), ("abc", "not a number"),
                                           ("2", "larger than 1")])
