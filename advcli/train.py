@@ -207,6 +207,21 @@ def overfitting(history: list[dict[str, Any]], guard: Any) -> dict[str, Any] | N
             "val_pgd_acc": scores[-1], "action": guard.action}
 
 
+def never_robust(history: list[dict[str, Any]], attack: str, *, floor: float = 0.05) -> str | None:
+    """A warning when adversarial training never bought held-out robustness: PGD accuracy at or below ``floor``
+    in every epoch while the model learned the clean task. `overfitting` cannot see this (nothing to fall from),
+    and it is how FGSM training that overfits from its first epochs looks."""
+    scores = [entry["val_pgd_acc"] for entry in history if "val_pgd_acc" in entry]
+    if attack == "none" or not scores or max(scores) > floor or history[-1].get("val_clean_acc", 0.0) < 0.5:
+        return None
+    message = (f"held-out PGD accuracy never rose above {100 * max(scores):.1f}% in {len(scores)} epoch(s) of {attack} "
+               f"training (held-out clean {100 * history[-1]['val_clean_acc']:.1f}%): the training attack is not making "
+               "the model robust (catastrophic overfitting from the start, or an eps this model and schedule cannot "
+               "reach). Try attack=pgd, a lower lr, eps_warmup=1 or more epochs.")
+    log.warning(message)
+    return message
+
+
 def capture_rng() -> dict[str, Any]:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -377,6 +392,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise Interrupted(f"{signal.Signals(stop.signum).name} stopped the run after epoch {epoch}; it is saved "
                                   f"in {ckpt_path}. Run the same command again to continue.", stop.signum)
 
+    warning = never_robust(history, cfg.attack._target_.rsplit(".", 1)[-1])
     eval_start = time.perf_counter()
     found = evaluate_model(model, test_set, cfg.evaluation.attacks, eps_values=[(s.eps, s.eps_text)], norm=s.norm,
                            batch_size=s.eval_batch_size, channels_last=channels_last, amp_dtype=eval_amp_dtype,
@@ -393,6 +409,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path), "best_checkpoint": str(best_path), "sanity": found.sanity,
         "overfit_guard": stopped or {"triggered": False},
     }
+    if warning:
+        metrics["warnings"] = [warning]
     report.write_json(out / "metrics.json", metrics)
     if history:
         report.plot_training_curves(out / "training_curves.png", history,

@@ -12,7 +12,7 @@ import advcli.train as train_module
 from advcli import attacks, checkpoint, data
 from advcli.evaluate import prepare_model
 from advcli.models import build_model
-from advcli.train import lr_schedule, overfitting, train, train_epoch
+from advcli.train import lr_schedule, never_robust, overfitting, train, train_epoch
 from conftest import compose_config, tiny_overrides
 
 
@@ -130,6 +130,17 @@ def test_onecycle_rises_linearly_to_lr_at_its_peak_then_falls_to_zero(peak):
     assert rates[0] == 0.0 and max(rates) == pytest.approx(0.2) and rates.index(max(rates)) == top
     assert rates[top // 2] == pytest.approx(0.1)  # linear on the way up
     assert all(a > b for a, b in zip(rates[top:], rates[top + 1:])) and rates[-1] < 0.01
+
+
+def test_never_robust_flags_adversarial_training_whose_held_out_pgd_stays_at_zero():
+    def history(pgd: list[float], clean: float = 0.97) -> list[dict]:
+        return [{"epoch": i + 1, "val_clean_acc": clean, "val_pgd_acc": p} for i, p in enumerate(pgd)]
+
+    message = never_robust(history([0.012, 0.0, 0.0]), "fgsm")
+    assert message and "never rose above 1.2%" in message and "3 epoch(s) of fgsm" in message
+    assert never_robust(history([0.0, 0.0, 0.3]), "fgsm") is None  # it recovered
+    assert never_robust(history([0.0, 0.0]), "none") is None  # standard training is not meant to be robust
+    assert never_robust(history([0.0, 0.0], clean=0.2), "pgd") is None  # not even the clean task learned yet
 
 
 def test_fast_at_preset_composes_and_runs(tmp_path):
