@@ -39,8 +39,15 @@ def run_guarded(task, cfg):
     """
     import sys
 
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
-        return task(cfg)
+        try:
+            return task(cfg)
+        except MissingMandatoryValue as missing:  # a `???` key of the config left unset, e.g. ckpt
+            key = missing.full_key or "a required key"
+            raise ConfigError(f"{key} is required and was not given: pass {key}=VALUE on the command line "
+                              "(ckpt takes the path of a checkpoint.pt written by advcli train).") from None
     except Exception as error:
         exit_code = getattr(error, "exit_code", 2)
         if in_multirun():

@@ -18,7 +18,6 @@ and are usable without Hydra; `draw_pictures` returns the arrays behind every pi
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 from advcli import attacks, checkpoint, config, data, runtime
 from advcli.checkpoint import atomic_write
 from advcli.errors import ConfigError, run_guarded
-from advcli.evaluate import eps_list_as_typed, output_dir
+from advcli.evaluate import output_dir
 
 
 # --- what the pictures show -----------------------------------------------------------------------
@@ -122,7 +121,8 @@ def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: f
     """Write the four pictures for ``models`` (label -> model in eval mode, on the images' device) into
     ``out``; return the arrays behind each picture, keyed by file stem."""
     x, y = next(data.batches(images.subset(slice(0, num_images)), num_images))
-    num_classes = next(iter(models.values()))(x[:1]).shape[1]
+    with torch.no_grad():
+        num_classes = next(iter(models.values()))(x[:1]).shape[1]
     names = class_names or [str(k) for k in range(num_classes)]
     arrays: dict[str, dict[str, Any]] = {"gallery": {}, "saliency": {}, "loss_distribution": {}, "large_eps": {}}
 
@@ -263,7 +263,6 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> Any:
     """``advcli viz`` and ``python -m advcli.viz``."""
-    sys.argv = [sys.argv[0], *eps_list_as_typed(sys.argv[1:])]
     return hydra_main()
 
 

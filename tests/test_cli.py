@@ -45,6 +45,9 @@ def test_train_as_typed_parses_eps_and_evaluates_from_the_shell(tmp_path):
         assert (tmp_path / "viz" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     missing = advcli("viz", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path / 'viz2'}")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    for command in ("viz", "eval"):  # ckpt is `???` in their configs: a paragraph, not OmegaConf's traceback
+        unset = advcli(command, f"hydra.run.dir={tmp_path / command / 'unset'}")
+        assert unset.returncode == 2 and "ckpt is required" in unset.stderr and "Traceback" not in unset.stderr
 
 
 @pytest.mark.parametrize("eps,fragment", [("8/0", "divides by zero"), ("-1", "negative"), ("abc", "not a number"),

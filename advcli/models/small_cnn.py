@@ -3,8 +3,8 @@
 Two stride-2 4x4 convolutions (16 and 32 channels) and a 100-unit hidden layer: the MNIST model of
 "Provable defenses against adversarial examples via the convex outer adversarial polytope" (Wong &
 Kolter, ICML 2018), which Wong, Rice & Kolter (ICLR 2020) train with FGSM from a random start to
-88.77% PGD-50-10 accuracy at eps=0.3. About 20x cheaper per step than the Madry CNN, so the fast
-recipe runs in minutes on a CPU. Here it also accepts other image sizes and channel counts.
+88.77% PGD-50-10 accuracy at eps=0.3. An FGSM-training epoch on MNIST takes about 5 s on 2 CPU cores
+(the Madry CNN: about 35 s), so the fast recipe runs in about a minute. Here it also accepts other image sizes and channel counts.
 """
 
 from __future__ import annotations
