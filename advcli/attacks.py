@@ -66,7 +66,38 @@ def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return margin(logits, y) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
 
 
-LOSSES = {"ce": cross_entropy, "margin": margin, "dlr": dlr}
+def kl_divergence(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(logits)) per example, ``p`` = ``target_probs`` (B, K): the loss TRADES's attack
+    maximises, with the clean prediction as ``p`` in place of labels."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    return (target_probs * (target_probs.clamp_min(1e-12).log() - log_probs)).sum(dim=1)
+
+
+def rejection_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The adaptive loss against a K+1-output model whose last output means "adversarial input"
+    (``trainer=adv_class``): max_{j not in {y, K}} z_j - max(z_y, z_K). It is positive once the best
+    wrong class beats both the true class and the flag, i.e. the input is misclassified *and* not
+    rejected -- what an attacker who knows about the extra class must reach (Carlini & Wagner 2017,
+    "Adversarial examples are not easily detected")."""
+    logits = logits.float()
+    flag = logits.shape[1] - 1
+    guarded = torch.maximum(logits.gather(1, y[:, None]).squeeze(1), logits[:, flag])
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    others[:, flag] = float("-inf")
+    return others.amax(dim=1) - guarded
+
+
+LOSSES = {"ce": cross_entropy, "margin": margin, "dlr": dlr, "kl": kl_divergence, "rejection_margin": rejection_margin}
+
+
+def still_safe(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """Per example, whether the attack with this ``loss`` has not yet succeeded: the prediction is y, or
+    for ``rejection_margin`` y or the "adversarial input" flag (the last output), which it must avoid."""
+    predicted = logits.argmax(dim=1)
+    safe = predicted == y
+    if loss == "rejection_margin":
+        safe |= predicted == logits.shape[1] - 1
+    return safe
 
 
 # --- the threat models -------------------------------------------------------------------------
@@ -194,8 +225,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
         norm: "linf" (signed-gradient steps) or "l2" (normalised-gradient steps).
         random_start: start from a uniform sample of the ball instead of x.
         restarts: independent runs; per example the perturbation with the highest loss is kept.
-        loss: "ce" (cross-entropy), "margin" (Carlini & Wagner logit margin) or "dlr" (Croce & Hein).
-        early_stop: evaluation semantics. An example misclassified at any step (the random start
+        loss: "ce" (cross-entropy), "margin" (Carlini & Wagner logit margin), "dlr" (Croce & Hein),
+            "kl" (``y`` holds target probabilities (B, K): TRADES's inner maximisation) or
+            "rejection_margin" (the adaptive attack on a model with an "adversarial input" output).
+        early_stop: evaluation semantics. An example misclassified (for "rejection_margin": given a
+            wrong class other than the flag) at any step (the random start
             included) keeps that point and leaves the batch; restart r attacks only the examples no
             earlier restart broke; examples never broken keep their highest-loss point. The work
             falls with the robust fraction. Use it with the model in eval mode: the batch shrinks
@@ -216,6 +250,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
         alpha = 2.5 * eps / steps
     project, random_init, ascent = THREAT_MODELS[norm]
     loss_fn = LOSSES[loss]
+    if loss == "kl" and early_stop:
+        raise ValueError("loss='kl' maximises a divergence from soft targets; early_stop needs labels")
     if targeted:
         if early_stop:
             raise ValueError("early_stop asks whether an example can be misclassified; a targeted attack cannot use it")
@@ -224,7 +260,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
     x = x.detach()
     if early_stop:
         with frozen_parameters(model), torch.no_grad():
-            return _pgd_until_broken(model, x, y, eps, alpha, steps, restarts, random_start, norm, loss_fn)
+            return _pgd_until_broken(model, x, y, eps, alpha, steps, restarts, random_start, norm, loss_fn,
+                                     lambda logits, labels: still_safe(logits, labels, loss))
 
     best_delta, best_loss = None, None
     with frozen_parameters(model):
@@ -250,7 +287,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
 
 
 def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-                      restarts: int, random_start: bool, norm: str, loss_fn: Callable) -> torch.Tensor:
+                      restarts: int, random_start: bool, norm: str, loss_fn: Callable,
+                      safe: Callable = still_safe) -> torch.Tensor:
     """PGD with ``early_stop=True``: see `pgd`. Runs under no_grad except for each input gradient."""
     project, random_init, ascent = THREAT_MODELS[norm]
     x_adv = x.clone()
@@ -270,7 +308,7 @@ def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
                 grad, logits = gradient_and_logits(model, x_s, y_s, d_s, loss_fn)
             else:  # the final point of this restart: look, no step
                 logits = model(x_s + d_s)
-            hit = logits.argmax(dim=1) == y_s
+            hit = safe(logits, y_s)
             rows = todo[live]
             if not hit.all():
                 x_adv[rows[~hit]] = (x_s + d_s)[~hit]

@@ -3,7 +3,8 @@
 A checkpoint is a dict of tensors and plain Python values::
 
     format: "advcli-checkpoint", version: 1
-    model: state_dict            model_spec: {name, options, in_channels, image_size, num_classes, mean, std}
+    model: state_dict            model_spec: {name, options, in_channels, image_size, num_classes, mean, std,
+                                              adversarial_class: one more output, "adversarial input"}
     optimizer, scheduler, scaler: state_dicts (for resuming)
     epoch: completed epochs      rng: torch RNG states
     config: the resolved run config (plain dict)      history: per-epoch metrics
@@ -92,16 +93,22 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def model_spec(name: str, options: dict[str, Any], *, in_channels: int, image_size: int, num_classes: int,
-               mean, std) -> dict[str, Any]:
-    """Everything `build_model` needs, as plain data."""
+               mean, std, adversarial_class: bool = False) -> dict[str, Any]:
+    """Everything `build_model` needs, as plain data. ``num_classes`` is the data's K; with
+    ``adversarial_class`` the model has K + 1 outputs, the last meaning "adversarial input"."""
     return {"name": name, "options": dict(options), "in_channels": in_channels, "image_size": image_size,
-            "num_classes": num_classes, "mean": list(mean), "std": list(std)}
+            "num_classes": num_classes, "mean": list(mean), "std": list(std), "adversarial_class": adversarial_class}
+
+
+def num_outputs(spec: dict[str, Any]) -> int:
+    """How many logits the model of ``spec`` returns: K, or K + 1 with an "adversarial input" output."""
+    return spec["num_classes"] + int(bool(spec.get("adversarial_class")))
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Build an untrained model from a model spec (name looked up in advcli's registry)."""
     return models.build_model(spec["name"], in_channels=spec["in_channels"], image_size=spec["image_size"],
-                              num_classes=spec["num_classes"], mean=spec["mean"], std=spec["std"],
+                              num_classes=num_outputs(spec), mean=spec["mean"], std=spec["std"],
                               **spec.get("options", {}))
 
 
@@ -116,7 +123,7 @@ def rebuild_model(payload: dict[str, Any], path: str | Path = "checkpoint") -> n
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:300]
         raise CheckpointError(
-            f"Checkpoint {path} does not fit the model it names ({spec['name']}, {spec['num_classes']} classes, "
+            f"Checkpoint {path} does not fit the model it names ({spec['name']}, {num_outputs(spec)} outputs, "
             f"{spec['in_channels']}x{spec['image_size']}x{spec['image_size']} inputs): {detail}"
         ) from None
     return model.eval()

@@ -352,6 +352,7 @@ def batches(
     flip: bool = False,
     drop_last: bool = False,
     channels_last: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass over ``data`` in batches, augmented on its device.
 
@@ -367,6 +368,10 @@ def batches(
         flip: mirror each image left-right with probability 0.5.
         drop_last: skip the last batch when it is smaller than ``batch_size``.
         channels_last: return ``x`` in ``torch.channels_last`` memory format.
+        shard: ``(rank, world)`` for data-parallel training: of each global batch of ``batch_size``
+            this process gets its contiguous share (``torch.tensor_split`` sizes), with the same
+            order and augmentation draws as the unsharded pass, so ``world`` processes together see
+            exactly the batches one process would.
 
     Yields:
         (x, y): x float32 (B, C, H, W) in [0, 1] (exactly ``images.float() / 255`` without
@@ -376,36 +381,54 @@ def batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if crop_padding < 0:
         raise ValueError(f"crop_padding must be >= 0 pixels, got {crop_padding}")
-    return _batches(data, batch_size, shuffle, generator, crop_padding, flip, drop_last, channels_last)
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    return _batches(data, batch_size, shuffle, generator, crop_padding, flip, drop_last, channels_last, shard)
 
 
-def _batches(data, batch_size, shuffle, generator, crop_padding, flip, drop_last, channels_last):
+def share(n: int, shard: tuple[int, int] | None) -> slice:
+    """The positions of a batch of ``n`` that process ``rank`` of ``world`` keeps (all without a shard)."""
+    if shard is None:
+        return slice(0, n)
+    rank, world = shard
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def _batches(data, batch_size, shuffle, generator, crop_padding, flip, drop_last, channels_last, shard):
     n = len(data)
     device = data.images.device
     rng_device = generator.device if generator is not None else torch.device("cpu")
     order = torch.randperm(n, generator=generator, device=rng_device).to(device) if shuffle else None
     for k in range(num_batches(n, batch_size, drop_last)):
-        idx = slice(k * batch_size, (k + 1) * batch_size)
+        start = k * batch_size
+        size = min(batch_size, n - start)
+        keep = share(size, shard)
+        idx = slice(start + keep.start, start + keep.stop)
         if order is not None:
             idx = order[idx]  # gather the shuffled examples; unshuffled batches are views
         x, y = data.images[idx], data.labels[idx]
         # Augment in uint8 (a quarter of the memory traffic of float32), convert once at the end.
+        # The draws are made for the whole batch, so a shard gets the same ones as the unsharded pass.
         if crop_padding > 0:
-            x = _random_crop(x, crop_padding, generator, rng_device)
+            x = _random_crop(x, crop_padding, generator, rng_device, size, keep)
         if flip:
-            x = _random_flip(x, generator, rng_device)
+            x = _random_flip(x, generator, rng_device, size, keep)
         x = x.float().div_(255)  # division, not * (1/255): bit-identical to torchvision's ToTensor
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, y
 
 
-def _random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None, rng_device) -> torch.Tensor:
-    """Zero-pad (B, C, H, W) by ``padding`` pixels and cut an H x W window at a random offset per image."""
+def _random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None, rng_device, drawn: int,
+                 keep: slice) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) by ``padding`` pixels and cut an H x W window at a random offset per image
+    (offsets drawn for ``drawn`` images, of which ``x`` holds the ``keep`` ones)."""
     b, c, h, w = x.shape
     # Top-left corner of the window in padded coordinates, uniform in [0, 2 * padding] like RandomCrop.
-    top = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device).to(x.device)
-    left = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device).to(x.device)
+    top = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator, device=rng_device)[keep].to(x.device)
+    left = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator, device=rng_device)[keep].to(x.device)
     padded = F.pad(x, (padding, padding, padding, padding))  # zeros
     rows = top[:, None] + torch.arange(h, device=x.device)  # (B, H) padded row of each output row
     cols = left[:, None] + torch.arange(w, device=x.device)  # (B, W)
@@ -413,7 +436,8 @@ def _random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | Non
     return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
-def _random_flip(x: torch.Tensor, generator: torch.Generator | None, rng_device) -> torch.Tensor:
-    """Mirror each image of (B, C, H, W) left-right with probability 0.5."""
-    mirror = torch.rand(x.shape[0], generator=generator, device=rng_device).to(x.device) < 0.5
+def _random_flip(x: torch.Tensor, generator: torch.Generator | None, rng_device, drawn: int,
+                 keep: slice) -> torch.Tensor:
+    """Mirror each image of (B, C, H, W) left-right with probability 0.5 (drawn as in `_random_crop`)."""
+    mirror = torch.rand(drawn, generator=generator, device=rng_device)[keep].to(x.device) < 0.5
     return torch.where(mirror[:, None, None, None], x.flip(3), x)

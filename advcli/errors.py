@@ -17,6 +17,11 @@ class ConfigError(UserError):
     """A configuration value is invalid (bad eps, steps <= 0, unknown choice, ...)."""
 
 
+class ModelError(UserError):
+    """A model that cannot be built from the given name or options (exported as `advcli.models.ModelError`;
+    defined here so that the architecture modules under `advcli.models` can raise it too)."""
+
+
 FAILED_FILE = "failed.json"  # what a failed sweep job leaves in its directory (read by advcli.sweep)
 
 
@@ -37,6 +42,7 @@ def run_guarded(task, cfg):
     `failed_result` (NaN accuracies, so the sweep objective is NaN) and the sweep goes on. An error that
     carries its own exit status (an interruption: Ctrl-C, SIGTERM) is recorded, then still exits.
     """
+    import os
     import sys
 
     from omegaconf.errors import MissingMandatoryValue
@@ -56,7 +62,7 @@ def run_guarded(task, cfg):
                 return failed_result(record)
         elif not isinstance(error, UserError) or cfg.get("debug", False):
             raise
-        else:
+        elif os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
             print(f"advcli: error: {one_paragraph(error)}", file=sys.stderr, flush=True)
         sys.exit(exit_code)
 

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advcli import attacks as attacks_module
-from advcli import checkpoint, config, data, report, runtime, sanity
+from advcli import checkpoint, config, data, distributed, report, runtime, sanity
 from advcli.attacks import Attack
 from advcli.errors import ConfigError, run_guarded
 from advcli.models import is_convolutional
@@ -55,10 +55,20 @@ class Outcomes:
     correct: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool (N,)
     loss: dict[str, torch.Tensor] = field(default_factory=dict)     # name -> float (N,)
     time_s: dict[str, float] = field(default_factory=dict)
+    # models with an "adversarial input" output (trainer=adv_class): attack name -> bool (N,), the model
+    # predicted the flag on the attack's output; and on the clean input (false flags). Empty / None otherwise.
+    flagged: dict[str, torch.Tensor] = field(default_factory=dict)
+    false_flags: torch.Tensor | None = None
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{name: {"acc", "loss"}, ..., "any_attack": {"acc"}}``, fractions in [0, 1]. (Times are left out,
-        so that two seeded runs give equal results.)"""
+        so that two seeded runs give equal results.)
+
+        For a model with an "adversarial input" output each attack also gets ``flagged`` (the fraction of
+        inputs predicted as the flag) and ``acc_with_rejection`` (correct or flagged: the attack failed);
+        the clean row's ``flagged`` is the false-flag rate, and ``any_attack`` gets the per-example worst
+        case with rejection and ``worst_attack``, the single attack with the lowest such accuracy.
+        """
         n = len(self.clean)
         if n == 0:
             raise ConfigError("There were no examples to evaluate; check evaluation.num_examples and the split.")
@@ -68,12 +78,32 @@ class Outcomes:
         for hits in self.correct.values():
             unbroken &= hits
         results["any_attack"] = {"acc": unbroken.sum().item() / n}
+        if self.flagged:
+            # only examples right without attack count: a falsely flagged clean input is an error, not a defence
+            held = self.clean.clone()
+            for name, flags in self.flagged.items():
+                survived = self.clean & (self.correct[name] | flags)
+                held &= survived
+                results[name].update(flagged=flags.sum().item() / n, acc_with_rejection=survived.sum().item() / n)
+            for name in set(self.correct) - set(self.flagged):  # the clean rows
+                results[name]["flagged"] = self.false_flags.sum().item() / n
+            worst = min(self.flagged, key=lambda name: results[name]["acc_with_rejection"])
+            results["any_attack"].update(acc_with_rejection=held.sum().item() / n, worst_attack=worst)
         return results
 
     def head(self, n: int) -> Outcomes:
         """The outcomes of the first ``n`` examples."""
         return Outcomes(self.clean[:n], {k: v[:n] for k, v in self.correct.items()},
-                        {k: v[:n] for k, v in self.loss.items()}, dict(self.time_s))
+                        {k: v[:n] for k, v in self.loss.items()}, dict(self.time_s),
+                        {k: v[:n] for k, v in self.flagged.items()},
+                        None if self.false_flags is None else self.false_flags[:n])
+
+    def gathered(self) -> Outcomes:
+        """Under torchrun: every rank's outcomes (each rank evaluated a contiguous share), in order."""
+        return Outcomes(distributed.gather(self.clean), {k: distributed.gather(v) for k, v in self.correct.items()},
+                        {k: distributed.gather(v) for k, v in self.loss.items()}, dict(self.time_s),
+                        {k: distributed.gather(v) for k, v in self.flagged.items()},
+                        None if self.false_flags is None else distributed.gather(self.false_flags))
 
 
 def is_clean(attack: Attack) -> bool:
@@ -83,24 +113,29 @@ def is_clean(attack: Attack) -> bool:
 
 def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     attacks: Mapping[str, Attack], *, eps: float, amp_dtype: torch.dtype | None = None,
-                    progress: bool = False, desc: str = "eval", total: int | None = None) -> Outcomes:
+                    progress: bool = False, desc: str = "eval", total: int | None = None,
+                    adversarial_class: bool = False) -> Outcomes:
     """Attack every batch with every attack and keep the per-example results (see `Outcomes`).
 
     Examples the model misclassifies without attack count as broken by every attack and are not
     attacked; the rest go to every attack. The model is put in eval mode for the pass and left in the
-    mode it came in, with its weights untouched.
+    mode it came in, with its weights untouched. ``adversarial_class``: the model's last output means
+    "adversarial input"; record which inputs it flags.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     clean_parts: list[torch.Tensor] = []
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in attacks}
+    flag_parts: dict[str, list[torch.Tensor]] = {name: [] for name in attacks if not is_clean(attacks[name])}
+    false_flag_parts: list[torch.Tensor] = []
     seconds = dict.fromkeys(attacks, 0.0)
     try:
         for x, y in tqdm(batches, desc=desc, total=total, leave=False, disable=not progress, dynamic_ncols=True):
             with torch.no_grad(), runtime.autocast(device, amp_dtype):
                 logits = model(x)
             clean = logits.argmax(dim=1) == y
+            false_flag_parts.append(logits.argmax(dim=1) == logits.shape[1] - 1)
             clean_loss = F.cross_entropy(logits.float(), y, reduction="none")
             todo = clean.nonzero().squeeze(1)  # attacks spend work only where the model is right
             x_todo, y_todo = attacks_module.take(x, todo), y[todo]
@@ -108,17 +143,21 @@ def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             for name, attack in attacks.items():
                 started = time.perf_counter()
                 hit, loss = clean, clean_loss
+                if not is_clean(attack):
+                    hit, loss, flagged = torch.zeros_like(clean), clean_loss.clone(), torch.zeros_like(clean)
                 if not is_clean(attack) and len(todo):
                     with torch.no_grad(), runtime.autocast(device, amp_dtype):
                         x_adv = attack(model, x_todo, y_todo, eps)  # input gradients enable grad inside
                         logits = model(x_adv)
-                    hit, loss = torch.zeros_like(clean), clean_loss.clone()
                     hit[todo] = logits.argmax(dim=1) == y_todo
+                    flagged[todo] = logits.argmax(dim=1) == logits.shape[1] - 1
                     loss[todo] = F.cross_entropy(logits.float(), y_todo, reduction="none")
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # so the time is the attack's, not a later one's
                 seconds[name] += time.perf_counter() - started
                 parts[name].append((hit, loss))
+                if name in flag_parts:
+                    flag_parts[name].append(flagged)
     finally:
         model.train(was_training)
     empty = torch.zeros(0, dtype=torch.bool, device=device)
@@ -127,20 +166,24 @@ def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         correct={name: torch.cat([h for h, _ in p]) if p else empty for name, p in parts.items()},
         loss={name: torch.cat([l for _, l in p]) if p else empty.float() for name, p in parts.items()},
         time_s=seconds,
+        flagged={name: torch.cat(p) if p else empty for name, p in flag_parts.items()} if adversarial_class else {},
+        false_flags=(torch.cat(false_flag_parts) if false_flag_parts else empty) if adversarial_class else None,
     )
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], attacks: Mapping[str, Attack], *,
              eps: float, amp_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "eval",
-             total: int | None = None) -> dict[str, dict[str, float]]:
+             total: int | None = None, gather: bool = False) -> dict[str, dict[str, float]]:
     """Accuracy and loss of ``model`` under each attack (pixels in [0, 1], eps in pixel units).
 
     Returns ``{name: {"acc", "loss"}, ..., "any_attack": {"acc"}}`` with fractions in [0, 1];
     an example misclassified without attack counts as broken by every attack. The model is left in the
-    train/eval mode it came in, with its weights untouched.
+    train/eval mode it came in, with its weights untouched. ``gather``: under torchrun each rank
+    passed its own share of the examples; the results are over all of them.
     """
-    return attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, progress=progress, desc=desc,
-                           total=total).summary()
+    found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, progress=progress, desc=desc,
+                            total=total)
+    return (found.gathered() if gather else found).summary()
 
 
 def evaluation_attacks(attack_cfgs: Mapping[str, Any]) -> tuple[dict[str, Attack], dict[str, dict[str, Any]]]:
@@ -177,7 +220,8 @@ class Evaluation:
 def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping[str, Any], *,
                    eps_values: list[tuple[float, str]], norm: str, batch_size: int, channels_last: bool = False,
                    amp_dtype: torch.dtype | None = None, sanity_cfg: Any = None, progress: bool = False,
-                   desc: str = "test") -> Evaluation:
+                   desc: str = "test", adversarial_class: bool = False,
+                   ranks: distributed.Ranks = distributed.Ranks()) -> Evaluation:
     """Evaluate ``model`` on ``images`` against every attack of ``attack_cfgs`` at every eps, then run
     the sanity checks (`advcli.sanity`) unless ``sanity_cfg.enabled`` is false.
 
@@ -185,6 +229,9 @@ def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping
         images: the examples, on the model's device. attack_cfgs: ``{name: attack config}``.
         eps_values: ``[(eps, as typed), ...]`` in pixel units. norm: "linf" or "l2" (for the probes).
         sanity_cfg: ``evaluation.sanity`` (enabled, num_examples, tolerance, steps_factor, restarts_factor).
+        adversarial_class: the model's last output means "adversarial input" (see `Outcomes.summary`).
+        ranks: under torchrun each rank attacks a contiguous share of ``images`` and the outcomes are
+            gathered; the sanity probes run on rank 0 alone (the others get ``sanity`` None).
     """
     attacks, described = evaluation_attacks(attack_cfgs)
     eps_values = sorted(dict(eps_values).items())  # ascending, each value once
@@ -192,15 +239,19 @@ def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping
     curve = []
     for eps, text in eps_values:
         label = f"{desc} eps={text}" if len(eps_values) > 1 else desc
-        outcomes[eps] = attack_outcomes(model, data.batches(images, batch_size, channels_last=channels_last), attacks,
+        mine = images.subset(data.share(len(images), ranks.shard))
+        outcomes[eps] = attack_outcomes(model, data.batches(mine, batch_size, channels_last=channels_last), attacks,
                                         eps=eps, amp_dtype=amp_dtype, progress=progress, desc=label,
-                                        total=data.num_batches(len(images), batch_size))
+                                        total=data.num_batches(len(mine), batch_size),
+                                        adversarial_class=adversarial_class)
+        if ranks.enabled:
+            outcomes[eps] = outcomes[eps].gathered()
         results = outcomes[eps].summary()
         for name in described:
             results[name].update(described[name])
         curve.append({"eps": eps, "eps_text": text, "eps_255": eps * 255, "test": results})
     report_, started = None, time.perf_counter()
-    if sanity_cfg is None or sanity_cfg.get("enabled", True):
+    if ranks.is_main and (sanity_cfg is None or sanity_cfg.get("enabled", True)):
         report_ = sanity_report(model, images, outcomes, {entry["eps"]: entry["test"] for entry in curve}, described,
                                 norm=norm, batch_size=batch_size, channels_last=channels_last, amp_dtype=amp_dtype,
                                 sanity_cfg=sanity_cfg)
@@ -265,9 +316,18 @@ def eps_list(cfg: DictConfig, *, norm: str, dim: int) -> list[tuple[float, str]]
     return [(config.parse_eps(text, norm=norm, dim=dim), text) for text in texts]
 
 
-def eval_attack_configs(cfg: DictConfig) -> dict[str, Any]:
-    """``evaluation.attacks`` plus the attack picked with ``attack=NAME`` (e.g. ``attack=autoattack``)."""
-    attack_cfgs = dict(cfg.evaluation.attacks)
+def evaluation_attack_configs(evaluation_cfg: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``evaluation.attacks``, plus ``evaluation.adaptive_attacks`` for a model (``spec``) with an
+    "adversarial input" output: attacks that must also avoid the flag."""
+    attack_cfgs = dict(evaluation_cfg.attacks)
+    if spec.get("adversarial_class"):
+        attack_cfgs.update(evaluation_cfg.get("adaptive_attacks") or {})
+    return attack_cfgs
+
+
+def eval_attack_configs(cfg: DictConfig, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """`evaluation_attack_configs` plus the attack picked with ``attack=NAME`` (e.g. ``attack=autoattack``)."""
+    attack_cfgs = evaluation_attack_configs(cfg.evaluation, spec)
     extra = cfg.get("attack")
     if extra is not None:
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
@@ -299,10 +359,21 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     single = copy.deepcopy(cfg)  # the shared checks take one eps; each value of a list was checked above
     single.eps = eps_values[-1][1]
     s = config.run_settings(single, dim=dim)
-    attack_cfgs = eval_attack_configs(cfg)
+    attack_cfgs = eval_attack_configs(cfg, spec)
     split = config.require_choice("split", cfg.split, ("train", "test"))
-    out = output_dir(cfg)
-    device = runtime.resolve_device(cfg.device)
+    ranks = distributed.from_environment()
+    device = distributed.start(ranks, runtime.resolve_device(cfg.device))
+    try:
+        return _evaluate_checkpoint(cfg, payload, attack_cfgs, eps_values, s, split, ranks, device, started)
+    finally:
+        distributed.stop()
+
+
+def _evaluate_checkpoint(cfg: DictConfig, payload: dict[str, Any], attack_cfgs: dict[str, Any],
+                         eps_values: list[tuple[float, str]], s: config.RunSettings, split: str,
+                         ranks: distributed.Ranks, device: torch.device, started: float) -> dict[str, Any]:
+    trained, spec = payload["config"], payload["model_spec"]
+    out = distributed.same_on_all_ranks(output_dir(cfg) if ranks.is_main else None)
     amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
     runtime.seed_everything(cfg.seed)
 
@@ -320,7 +391,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
 
     found = evaluate_model(model, images, attack_cfgs, eps_values=eps_values, norm=s.norm,
                            batch_size=s.eval_batch_size, channels_last=channels_last, amp_dtype=amp_dtype,
-                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress, desc=split)
+                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress and ranks.is_main,
+                           desc=split, adversarial_class=bool(spec.get("adversarial_class")), ranks=ranks)
     top = found.curve[-1]
     metrics = {
         "command": "eval", "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "model": spec["name"], "split": split,
@@ -333,6 +405,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     metrics.update({"sanity": found.sanity, "attack_time_s": found.attack_time_s, "sanity_time_s": found.sanity_time_s,
                     "wall_time_s": time.perf_counter() - started, "device": str(device),
                     "precision": runtime.describe_precision(amp_dtype), "torch": torch.__version__})
+    if ranks.enabled:
+        metrics["processes"] = ranks.world
+    if not ranks.is_main:
+        return metrics
     lines = [f"\n{cfg.ckpt}: {dataset.name} {split} split ({len(images)} examples)"]
     if len(found.curve) > 1:
         report.write_curve_csv(out / "robustness_curve.csv", found.curve)

@@ -149,6 +149,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         for name, result in (metrics.get("test") or {}).items():
             if isinstance(result, dict) and isinstance(result.get("acc"), (int, float)):
                 row[f"{name}_acc"] = result["acc"]
+        worst = (metrics.get("test") or {}).get("any_attack") or {}
+        if isinstance(worst.get("acc_with_rejection"), (int, float)):  # trainer=adv_class: the figure to quote
+            row["any_attack_with_rejection_acc"] = worst["acc_with_rejection"]
         for key in ("train_time_s", "eval_time_s"):
             row[key] = metrics.get(key)
     else:  # no results: describe the job from the config it was given
@@ -206,7 +209,7 @@ def attack_names(rows: Sequence[dict[str, Any]]) -> list[str]:
         for key in row:
             if key.endswith("_acc") and key[:-4] not in names:
                 names.append(key[:-4])
-    names.sort(key=lambda name: (name != "clean", name == "any_attack"))
+    names.sort(key=lambda name: (name != "clean", name.startswith("any_attack")))
     return names
 
 

@@ -33,10 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from advcli import attacks, checkpoint, config, data, report, runtime
-from advcli.attacks import Attack
-from advcli.errors import UserError, run_guarded
-from advcli.evaluate import evaluate, evaluate_model, output_dir, prepare_model
+from advcli import attacks, checkpoint, config, data, distributed, report, runtime
+from advcli.errors import ConfigError, UserError, run_guarded
+from advcli.evaluate import evaluate, evaluate_model, evaluation_attack_configs, output_dir, prepare_model
+from advcli.objectives import MinMax, Step
 from advcli.models import uses_batchnorm
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,15 @@ class EpochProgress:
     batches: int = 0                    # batches done so far in this epoch
     seen: int = 0                       # examples done so far
     loss_sum: torch.Tensor | float = 0.0
-    correct: torch.Tensor | int = 0
+    correct: torch.Tensor | int = 0     # of `judged` outputs (two per example for trainer=adv_class)
+    judged: int = 0
     first_bad_batch: torch.Tensor | int = -1  # first batch whose loss was NaN/inf (-1: none)
     time_s: float = 0.0                 # training time spent in this epoch before an interruption
     finished: bool = False
 
     def to_plain(self) -> dict[str, Any]:
         return {"batches": self.batches, "seen": self.seen, "loss_sum": float(self.loss_sum),
-                "correct": int(self.correct), "time_s": self.time_s}
+                "correct": int(self.correct), "judged": self.judged, "time_s": self.time_s}
 
 
 class StopRequests:
@@ -118,13 +119,21 @@ class StopRequests:
         return self.signum is not None
 
 
-def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], attack: Attack, *,
+def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                objective: Callable[..., Step], *,
                 eps: float, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
                 amp_dtype: torch.dtype | None, attack_mode: str = "train", epoch: int = 1,
                 warmup_steps: int = 0, steps_done: int = 0, progress_state: EpochProgress | None = None,
                 should_stop: Callable[[], bool] = lambda: False,
                 total: int | None = None, progress: bool = True, log_every: int = 20) -> EpochProgress:
-    """One pass of min-max training over ``loader`` (or its rest, continuing ``progress_state``).
+    """One pass of training over ``loader`` (or its rest, continuing ``progress_state``): per batch the
+    ``objective`` (`advcli.objectives`, e.g. ``MinMax(attack)``) runs its attack and returns per-example
+    losses, and the optimiser takes one step on their mean over the (global) batch.
+
+    Under torchrun ``model`` is wrapped in DistributedDataParallel and ``loader`` yields this rank's
+    share of each global batch; each rank's loss is scaled so that DDP's average of the ranks'
+    gradients is the gradient of the global batch mean, whatever the shares' sizes, and the epoch's
+    totals are summed over the ranks at the end.
 
     With ``warmup_steps`` the training eps grows linearly from 0 to ``eps`` over that many optimiser
     steps (``steps_done`` were taken before this epoch): at a large eps (0.3 on MNIST) a model
@@ -136,16 +145,18 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
     """
     device = next(model.parameters()).device
     state = progress_state or EpochProgress()
-    loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=device)
-    correct = torch.as_tensor(state.correct, dtype=torch.long, device=device)
+    # this call's own totals (this rank's); ``state`` holds the epoch's earlier ones, already over all ranks
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     first_bad = torch.as_tensor(state.first_bad_batch, dtype=torch.long, device=device)
-    seen, batch = state.seen, state.batches
+    seen, judged, batch, stopped = 0, 0, state.batches, False
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     bar = tqdm(loader, total=total, initial=state.batches, desc=f"epoch {epoch}", leave=False,
                disable=not progress, dynamic_ncols=True)
 
     def check(batch: int) -> float:
-        mean_loss = loss_sum.item() / max(seen, 1)
-        bad = int(first_bad.item())
+        mean_loss = (state.loss_sum + loss_sum.item()) / max(state.seen + seen, 1)
+        bad = int(distributed.largest(first_bad).item())  # with several ranks: the latest rank's
         if bad >= 0:
             raise TrainingDiverged(
                 f"Training diverged: the loss became NaN or infinite in epoch {epoch} at batch {bad}. The learning "
@@ -160,29 +171,37 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
             model.eval()  # BatchNorm uses running statistics while the attack searches
         step_eps = eps * min(1.0, (steps_done + batch) / warmup_steps) if warmup_steps else eps
         with runtime.autocast(device, amp_dtype):
-            x_adv = attack(model, x, y, step_eps)
-        model.train()
-        with runtime.autocast(device, amp_dtype):
-            logits = model(x_adv)
-        loss = F.cross_entropy(logits.float(), y)
+            step = objective(model, x, y, step_eps)
+        if world > 1:  # DDP averages the ranks' gradients: scale so the average is the global batch mean
+            global_size = distributed.total(torch.tensor(len(y), device=device))
+            loss = step.loss.sum() * world / global_size
+        else:
+            loss = step.loss.mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        loss = loss.detach()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batch, first_bad)
-        loss_sum += loss * y.shape[0]
-        correct += (logits.detach().argmax(dim=1) == y).sum()
+        local_sum = step.loss.detach().sum()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(local_sum), batch, first_bad)
+        loss_sum += local_sum
+        correct += (step.logits.detach().argmax(dim=1) == step.targets).sum()
         seen += y.shape[0]
+        judged += step.targets.shape[0]
         if batch % log_every == 0 or batch == total:
-            bar.set_postfix(loss=f"{check(batch):.4f}", acc=f"{correct.item() / seen:.2%}")
+            acc = (state.correct + correct.item()) / max(state.judged + judged, 1)
+            bar.set_postfix(loss=f"{check(batch):.4f}", acc=f"{acc:.2%}")
         if should_stop():
+            stopped = True
             break
     bar.close()
     check(batch)
-    finished = not should_stop() or batch == total
-    return EpochProgress(batches=batch, seen=seen, loss_sum=loss_sum.item(), correct=int(correct.item()),
+    finished = not stopped or batch == total
+    counts = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device).double(),
+                          torch.tensor(float(judged), device=device).double()])
+    loss_total, correct_total, seen_total, judged_total = distributed.total(counts).tolist()
+    return EpochProgress(batches=batch, seen=state.seen + int(seen_total), loss_sum=state.loss_sum + loss_total,
+                         correct=int(state.correct) + int(correct_total), judged=state.judged + int(judged_total),
                          time_s=state.time_s, finished=finished)
 
 
@@ -267,12 +286,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     info = data.dataset_info(dataset.name, **dataset.options)
     s = config.run_settings(cfg, dim=info.in_channels * info.image_size**2)  # every value checked before any work
     config.check_training(cfg)
-    out = output_dir(cfg)
-    device = runtime.resolve_device(cfg.device)
+    ranks = distributed.from_environment()
+    device = distributed.start(ranks, runtime.resolve_device(cfg.device))
+    try:
+        return _train(cfg, ranks, device, dataset, info, s, started)
+    finally:
+        distributed.stop()
+
+
+def _train(cfg: DictConfig, ranks: distributed.Ranks, device: torch.device, dataset: config.DatasetChoice,
+           info: data.DatasetInfo, s: config.RunSettings, started: float) -> dict[str, Any]:
+    main_rank = ranks.is_main
+    if not main_rank:  # one log, from rank 0
+        logging.getLogger().setLevel(logging.WARNING)
+    out = distributed.same_on_all_ranks(output_dir(cfg) if main_rank else None)
     amp_dtype = runtime.resolve_amp(cfg.amp, device)
     eval_amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
-    log.info("device %s, %s, eps %s (%s), run directory %s", device, runtime.describe_precision(amp_dtype),
-             config.format_eps(s.eps), s.norm, out)
+    log.info("device %s, %s, eps %s (%s), run directory %s%s", device, runtime.describe_precision(amp_dtype),
+             config.format_eps(s.eps), s.norm, out, f", {ranks.world} processes" if ranks.enabled else "")
     runtime.seed_everything(cfg.seed)
 
     train_full = data.load_split(dataset.name, "train", root=s.data_root, download=cfg.data.download, **dataset.options)
@@ -288,12 +319,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_set, val_set, test_set = train_set.to(device), val_set.to(device), test_set.to(device)
     model_options = OmegaConf.to_container(cfg.model, resolve=True)
     model_name = model_options.pop("name")
+    train_attack = hydra.utils.instantiate(cfg.attack)
+    objective = hydra.utils.instantiate(cfg.trainer, attack=train_attack)
+    attack_name = cfg.attack._target_.rsplit(".", 1)[-1]
+    if objective.extra_outputs and attack_name == "none":
+        raise ConfigError(f"trainer={trainer_name(cfg)} trains on the training attack's outputs, but attack=none makes "
+                          "none. Pick a training attack, e.g. attack=pgd or attack=fgsm attack.random_start=true.")
 
     spec = checkpoint.model_spec(model_name, model_options, in_channels=info.in_channels,
-                                 image_size=info.image_size, num_classes=info.num_classes, mean=info.mean, std=info.std)
-    model = checkpoint.build_from_spec(spec)
+                                 image_size=info.image_size, num_classes=info.num_classes, mean=info.mean, std=info.std,
+                                 adversarial_class=bool(objective.extra_outputs))
+    model = checkpoint.build_from_spec(spec)  # the same seed on every rank; DDP also broadcasts rank 0's weights
     model, channels_last = prepare_model(model, device, cfg.channels_last)
-    net = torch.compile(model) if cfg.compile else model
+    net = distributed.wrap(torch.compile(model) if cfg.compile else model, ranks, device)
+    if ranks.enabled:  # the ranks' attacks draw different random starts
+        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
 
     optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
     steps_per_epoch = data.num_batches(len(train_set), cfg.batch_size, drop_last=False)
@@ -301,7 +341,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                             peak=float(cfg.lr_peak))
     warmup_steps = round(float(cfg.eps_warmup) * steps_per_epoch)
     scaler = runtime.grad_scaler(device, amp_dtype)
-    train_attack = hydra.utils.instantiate(cfg.attack)
     val_attacks = {"clean": attacks.none, "pgd": hydra.utils.instantiate(cfg.validation.attack)}
     if cfg.attack_mode == "eval" and uses_batchnorm(model):
         log.info("the training attack runs with BatchNorm in eval mode (attack_mode=eval)")
@@ -327,7 +366,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start_epoch, history = payload["epoch"], list(payload["history"])
         best_score, stopped = payload.get("best_score", -math.inf), payload.get("stopped")
         if payload.get("partial"):
-            partial = EpochProgress(**payload["partial"])
+            partial = EpochProgress(**{"judged": payload["partial"]["seen"], **payload["partial"]})
         restore_rng(payload["rng"])
         where = f"epoch {start_epoch + 1}, batch {partial.batches}" if partial else f"the end of epoch {start_epoch}"
         log.info("resuming from %s at %s", resume_path, where)
@@ -338,6 +377,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "partial": progress.to_plain() if progress else None, "rng": capture_rng(), "history": history,
                 "best_score": best_score, "stopped": stopped, "config": OmegaConf.to_container(cfg, resolve=True)}
 
+    def save(path: Path, payload: dict[str, Any]) -> None:
+        if main_rank:  # one writer; the others wait, so that a rollback reads a finished file
+            checkpoint.save(path, payload)
+        distributed.barrier()
+
+    polls = itertools.count(1)
+
+    def stop_requested(now: bool = False) -> bool:
+        """Whether SIGINT/SIGTERM asked to stop. Under torchrun every rank must stop after the same batch, so the
+        ranks agree (a collective, and on CUDA a host sync) every `log_every` batches, and whenever ``now``."""
+        if not ranks.enabled:
+            return stop()
+        return (now or next(polls) % cfg.log_every == 0) and distributed.any_rank(stop(), device)
+
     train_time = sum(entry["time_s"] for entry in history)
     with StopRequests() as stop:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -345,62 +398,68 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 break
             epoch_start = time.perf_counter()
             order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # an epoch's order depends on (seed, epoch)
-            loader = data.batches(train_set, cfg.batch_size, shuffle=True, generator=order,
+            loader = data.batches(train_set, cfg.batch_size, shuffle=True, generator=order, shard=ranks.shard,
                                   crop_padding=dataset.crop_padding, flip=dataset.flip, channels_last=channels_last)
             if partial is not None:  # replay the generator's draws for the batches already done
                 loader = itertools.islice(loader, partial.batches, None)
             model.train()
             entry: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-            done = train_epoch(net, loader, train_attack, eps=s.eps, optimizer=optimizer, scheduler=scheduler,
+            done = train_epoch(net, loader, objective, eps=s.eps, optimizer=optimizer, scheduler=scheduler,
                                warmup_steps=warmup_steps, steps_done=(epoch - 1) * steps_per_epoch,
-                               progress_state=partial, should_stop=stop, scaler=scaler, amp_dtype=amp_dtype,
+                               progress_state=partial, should_stop=stop_requested, scaler=scaler, amp_dtype=amp_dtype,
                                attack_mode=cfg.attack_mode, epoch=epoch, total=steps_per_epoch,
-                               progress=cfg.progress, log_every=cfg.log_every)
+                               progress=cfg.progress and main_rank, log_every=cfg.log_every)
             partial = None
             done.time_s += time.perf_counter() - epoch_start
             if not done.finished:
-                checkpoint.save(ckpt_path, snapshot(epoch - 1, done))
-                name = signal.Signals(stop.signum).name
+                save(ckpt_path, snapshot(epoch - 1, done))
+                signum = stop.signum or signal.SIGTERM  # a rank that got no signal stops because another did
+                name = signal.Signals(signum).name
                 raise Interrupted(
                     f"{name} stopped the run in epoch {epoch} after batch {done.batches} of {steps_per_epoch}; its state "
                     f"is saved in {ckpt_path}. Run the same command again with hydra.run.dir={out} to continue "
-                    f"where it stopped (or resume={ckpt_path}).", stop.signum)
-            entry.update(train_loss=done.loss_sum / max(done.seen, 1), train_acc=done.correct / max(done.seen, 1),
+                    f"where it stopped (or resume={ckpt_path}).", signum)
+            entry.update(train_loss=done.loss_sum / max(done.seen, 1), train_acc=done.correct / max(done.judged, 1),
                          time_s=done.time_s)
             train_time += entry["time_s"]
             if len(val_set):
-                val = evaluate(model, data.batches(val_set, s.eval_batch_size, channels_last=channels_last),
-                               val_attacks, eps=s.eps, amp_dtype=amp_dtype)
+                val = evaluate(model, data.batches(val_set.subset(data.share(len(val_set), ranks.shard)),
+                                                   s.eval_batch_size, channels_last=channels_last),
+                               val_attacks, eps=s.eps, amp_dtype=amp_dtype, gather=ranks.enabled)
                 entry.update({f"val_{name}_acc": val[name]["acc"] for name in val_attacks})
             history.append(entry)
             log.info(report.epoch_line(entry, cfg.epochs))
             score = entry.get("val_pgd_acc", entry["train_acc"])
             is_best = score >= best_score
             best_score = max(score, best_score)
-            checkpoint.save(ckpt_path, snapshot(epoch))
+            save(ckpt_path, snapshot(epoch))
             if is_best:
-                checkpoint.save(best_path, snapshot(epoch))
+                save(best_path, snapshot(epoch))
             collapse = overfitting(history, cfg.overfit_guard)
             if collapse:
                 stopped = collapse
                 if cfg.overfit_guard.action in ("rollback", "stop"):
                     if cfg.overfit_guard.action == "rollback":
                         model.load_state_dict(checkpoint.load(best_path)["model"])
-                    checkpoint.save(ckpt_path, snapshot(epoch))  # a rerun sees `stopped` and only evaluates
+                    save(ckpt_path, snapshot(epoch))  # a rerun sees `stopped` and only evaluates
                     break
-            if stop():  # the signal came during validation or saving: the epoch is complete and saved
-                raise Interrupted(f"{signal.Signals(stop.signum).name} stopped the run after epoch {epoch}; it is saved "
-                                  f"in {ckpt_path}. Run the same command again to continue.", stop.signum)
+            if stop_requested(now=True):  # the signal came during validation or saving: the epoch is complete and saved
+                signum = stop.signum or signal.SIGTERM
+                raise Interrupted(f"{signal.Signals(signum).name} stopped the run after epoch {epoch}; it is saved "
+                                  f"in {ckpt_path}. Run the same command again to continue.", signum)
 
-    warning = never_robust(history, cfg.attack._target_.rsplit(".", 1)[-1])
+    warning = never_robust(history, attack_name)
     eval_start = time.perf_counter()
-    found = evaluate_model(model, test_set, cfg.evaluation.attacks, eps_values=[(s.eps, s.eps_text)], norm=s.norm,
+    found = evaluate_model(model, test_set, evaluation_attack_configs(cfg.evaluation, spec),
+                           adversarial_class=spec["adversarial_class"],
+                           eps_values=[(s.eps, s.eps_text)], norm=s.norm,
                            batch_size=s.eval_batch_size, channels_last=channels_last, amp_dtype=eval_amp_dtype,
-                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress, desc="test")
+                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress and main_rank, desc="test",
+                           ranks=ranks)
     results = found.results
     metrics = {
-        "command": "train", "dataset": dataset.name, "model": model_name,
-        "attack": cfg.attack._target_.rsplit(".", 1)[-1], "eps": s.eps, "eps_text": s.eps_text,
+        "command": "train", "dataset": dataset.name, "model": model_name, "trainer": trainer_name(cfg),
+        "attack": attack_name, "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs, "seed": cfg.seed,
         "num_train": len(train_set), "num_test": len(test_set), "test": results, "history": history,
         "train_time_s": train_time, "eval_time_s": time.perf_counter() - eval_start,
@@ -411,16 +470,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if warning:
         metrics["warnings"] = [warning]
+    if ranks.enabled:
+        metrics["processes"] = ranks.world
+    if not main_rank:
+        return metrics
     report.write_json(out / "metrics.json", metrics)
     if history:
         report.plot_training_curves(out / "training_curves.png", history,
                                     title=f"{model_name} on {dataset.name}, {metrics['attack']} training, eps={s.eps_text}")
-    print(f"\n{dataset.name} / {model_name}, trained with {metrics['attack']} for {cfg.epochs} epoch(s); "
+    how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
+    print(f"\n{dataset.name} / {model_name}, trained with {how} for {cfg.epochs} epoch(s); "
           f"test set ({len(test_set)} examples):\n{report.results_table(results, eps=s.eps, norm=s.norm)}\n"
           + (f"{report.sanity_table(found.sanity)}\n" if found.sanity else "") +
           f"train {train_time:.1f}s, eval {metrics['eval_time_s']:.1f}s; wrote {out / 'metrics.json'}"
           + (f" and {out / 'training_curves.png'}" if history else ""))
     return metrics
+
+
+def trainer_name(cfg: DictConfig) -> str:
+    """The ``trainer=`` choice (standard, trades, adv_class), also where Hydra did not compose the config."""
+    names = {"MinMax": "standard", "Trades": "trades", "AdversarialClass": "adv_class"}
+    target = cfg.trainer._target_.rsplit(".", 1)[-1] if "trainer" in cfg else "MinMax"
+    return names.get(target, target)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="train")

@@ -117,13 +117,19 @@ def picture_size(rows: int, cols: int) -> tuple[int, int]:
 def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: float, norm: str, out: Path,
                   num_images: int = 8, large_eps: float | None = None, loss_examples: int = 500,
                   pgd_steps: int = 20, restarts: int = 3, large_eps_steps: int = 100,
-                  class_names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+                  class_names: list[str] | None = None, num_classes: int | None = None) -> dict[str, dict[str, Any]]:
     """Write the four pictures for ``models`` (label -> model in eval mode, on the images' device) into
-    ``out``; return the arrays behind each picture, keyed by file stem."""
+    ``out``; return the arrays behind each picture, keyed by file stem.
+
+    ``num_classes``: the data's K (default: the first model's outputs). A model with K + 1 outputs
+    (``trainer=adv_class``) has an "adversarial input" flag as its last output; the gallery marks the
+    inputs it flags with ⚑ instead of ✗ (refused, not misclassified).
+    """
     x, y = next(data.batches(images.subset(slice(0, num_images)), num_images))
-    with torch.no_grad():
-        num_classes = next(iter(models.values()))(x[:1]).shape[1]
-    names = class_names or [str(k) for k in range(num_classes)]
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = next(iter(models.values()))(x[:1]).shape[1]
+    names = [*(class_names or [str(k) for k in range(num_classes)]), "adv"]  # index K: the flag
     arrays: dict[str, dict[str, Any]] = {"gallery": {}, "saliency": {}, "loss_distribution": {}, "large_eps": {}}
 
     # gallery: per model, clean / FGSM / PGD / perturbation rows
@@ -141,12 +147,16 @@ def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: f
                                     **{f"pred_{k.lower()}": v for k, v in predictions.items()}}
         for i in range(num_images):
             for r, (name, v) in enumerate((("clean", x), ("FGSM", x_fgsm), ("PGD", x_pgd))):
-                mark = "" if predictions[name][i] == y[i] else " ✗"
+                said = predictions[name][i]
+                mark = "" if said == y[i] else " ⚑" if said == num_classes else " ✗"
                 _show(axes[4 * m + r, i], v[i], f"true {names[y[i]]}, said {names[predictions[name][i]]}{mark}")
             _show(axes[4 * m + 3, i], shown[i])
         for r, name in enumerate(("clean", "FGSM", "PGD", "PGD change\n(scaled)")):
             axes[4 * m + r, 0].set_ylabel(f"{label}\n{name}", fontsize=7)
-    figure.suptitle(f"eps={eps:.4g} ({norm}); ✗ = misclassified", fontsize=9)
+    flags = any(p.eq(num_classes).any() for found in arrays["gallery"].values()
+                for key, p in found.items() if key.startswith("pred_"))
+    figure.suptitle(f"eps={eps:.4g} ({norm}); ✗ = misclassified" + ("; ⚑ = flagged as adversarial" if flags else ""),
+                    fontsize=9)
     _save(figure, out / "gallery.png")
 
     # saliency: images, then one row of maps per model
@@ -235,6 +245,9 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
                 f"{other['in_channels']}x{other['image_size']}x{other['image_size']}, {other['num_classes']}); "
                 "compare checkpoints trained on the same dataset.")
         label = f"{payload['config']['attack']['_target_'].rsplit('.', 1)[-1]}-trained"  # e.g. "pgd-trained"
+        objective = payload["config"].get("trainer", {}).get("_target_", "MinMax").rsplit(".", 1)[-1]
+        if objective != "MinMax":
+            label = f"{label} ({objective})"  # e.g. "pgd-trained (AdversarialClass)"
         if label in models:
             label = f"{label} ({key})"
         models[label] = checkpoint.rebuild_model(payload, paths[key]).to(device).eval()
@@ -245,7 +258,8 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     arrays = draw_pictures(models, images, eps=eps, norm=norm, out=out, num_images=cfg.num_images,
                            large_eps=large_eps,
-                           loss_examples=cfg.loss_examples, pgd_steps=cfg.pgd_steps, restarts=cfg.restarts)
+                           loss_examples=cfg.loss_examples, pgd_steps=cfg.pgd_steps, restarts=cfg.restarts,
+                           num_classes=spec["num_classes"])
     correlations = {label: float(a["correlation"].mean()) for label, a in arrays["saliency"].items()}
     medians = {label: float(a["losses"].median()) for label, a in arrays["loss_distribution"].items()}
     print(f"wrote gallery.png, saliency.png, loss_distribution.png, large_eps.png to {out} "

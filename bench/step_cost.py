@@ -23,6 +23,7 @@ from advcli import attacks, data, runtime  # noqa: E402
 from advcli.evaluate import prepare_model  # noqa: E402
 from advcli.models import build_model  # noqa: E402
 from advcli.train import lr_schedule, train_epoch  # noqa: E402
+from advcli.objectives import MinMax
 
 VARIANTS = {  # name: (amp, channels_last)
     "fp32": ("off", False),
@@ -48,7 +49,7 @@ class Trainer:
     def seconds_per_step(self, attack, batches: int) -> float:
         loader = data.batches(self.images.subset(slice(0, batches * self.batch_size)), self.batch_size,
                               channels_last=self.channels_last)
-        _, seconds = timed(train_epoch, self.model, loader, attack, eps=self.eps, optimizer=self.optimizer,
+        _, seconds = timed(train_epoch, self.model, loader, MinMax(attack), eps=self.eps, optimizer=self.optimizer,
                            scheduler=self.scheduler, scaler=self.scaler, amp_dtype=self.amp_dtype, progress=False,
                            log_every=10**9)
         return seconds / batches

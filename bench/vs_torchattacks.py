@@ -30,6 +30,7 @@ from advcli import attacks, data, runtime  # noqa: E402
 from advcli.evaluate import prepare_model  # noqa: E402
 from advcli.models import build_model  # noqa: E402
 from advcli.train import lr_schedule, train_epoch  # noqa: E402
+from advcli.objectives import MinMax
 
 EPS, STEPS, BATCH = 0.1, 7, 128
 ALPHA = 2.5 * EPS / STEPS
@@ -64,6 +65,43 @@ class TorchattacksLoop:
             self.optimizer.step()
 
 
+class PlainLoop:
+    """The issue's reference: a plain loop with its own PGD, parameters' requires_grad off during the attack (fp32).
+
+    It shows what the machine allows without advcli's machinery: where this row is no faster than the
+    torchattacks loop, the fp32 gap is in the kernels, not in the Python around them.
+    """
+
+    label = "plain loop, requires_grad off (fp32)"
+
+    def __init__(self, images: data.ImageSet, device: torch.device):
+        self.model = fresh_model(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.loader = data.batches(images, BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def pgd(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        delta = torch.empty_like(x).uniform_(-EPS, EPS)
+        for _ in range(STEPS):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(self.model((x + delta).clamp(0, 1)), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = (delta.detach() + ALPHA * grad.sign()).clamp(-EPS, EPS)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return (x + delta).clamp(0, 1)
+
+    def run(self, n: int) -> None:
+        for x, y in itertools.islice(self.loader, n):
+            self.model.train()
+            x_adv = self.pgd(x, y)
+            loss = F.cross_entropy(self.model(x_adv), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+
+
 class Advcli:
     """advcli's training epoch (`train_epoch`, advcli's PGD, on-device batches), fed ``n`` batches at a time."""
 
@@ -79,7 +117,7 @@ class Advcli:
 
     def run(self, n: int) -> None:
         train_epoch(self.model, itertools.islice(self.loader, n),
-                    lambda m, x, y, e: attacks.pgd(m, x, y, e, alpha=ALPHA, steps=STEPS), eps=EPS,
+                    MinMax(lambda m, x, y, e: attacks.pgd(m, x, y, e, alpha=ALPHA, steps=STEPS)), eps=EPS,
                     optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, amp_dtype=self.amp_dtype,
                     progress=False, log_every=10**9)
 
@@ -115,7 +153,7 @@ def main() -> None:
           f"Adam 1e-3; accuracies on {args.test} test images (PGD-20, fp32); variants interleaved every "
           f"{args.chunk} batches\n")
 
-    variants = [TorchattacksLoop(images, device),
+    variants = [TorchattacksLoop(images, device), PlainLoop(images, device),
                 Advcli(images, device, amp="auto", channels_last="auto",
                        label="advcli, defaults (amp=auto, channels_last=auto)"),
                 Advcli(images, device, amp="off", channels_last=False, label="advcli, amp=off channels_last=false")]

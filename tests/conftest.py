@@ -1,10 +1,14 @@
-"""Shared test set-up: the data root, a Hydra config composer, and small fixed models."""
+"""Shared test set-up: the data root, a Hydra config composer, small fixed models, and tiny stand-ins of
+CIFAR-10, CIFAR-100 and SVHN in torchvision's on-disk formats."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -84,3 +88,94 @@ def robust_mlp():
             optimizer.step()
     x, y = next(data.batches(test_set, len(test_set)))
     return model.eval(), x, y
+
+
+# ---------------------------------------------------------------- CIFAR-10/100 and SVHN stand-ins
+
+
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_pickle(path, obj) -> None:
+    # The real files are Python 2 pickles whose str keys come back as str under torchvision's
+    # encoding="latin1"; a Python 3 pickle gives the same dicts only with str keys (b"data" would
+    # stay bytes and torchvision's entry["data"] would fail).
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def fake_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    """CIFAR rows: uint8 (n, 3072) = 1024 red, 1024 green, 1024 blue values, each row-major 32x32."""
+    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+
+
+def patch_checksums(monkeypatch, cls, folder, train_names, test_names, meta_name) -> None:
+    # torchvision checks each file's md5 against these class attributes before parsing. Pointing them
+    # at the stand-ins' md5s changes only the checksum table; torchvision's own reading code still runs.
+    # `meta` holds the metadata file's md5 the same way, so it is adjusted too.
+    monkeypatch.setattr(cls, "train_list", [[name, md5(folder / name)] for name in train_names])
+    monkeypatch.setattr(cls, "test_list", [[name, md5(folder / name)] for name in test_names])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / meta_name)})
+
+
+@pytest.fixture
+def cifar10_root(tmp_path, monkeypatch):
+    """CIFAR-10 stand-in (10 train, 4 test examples) under tmp_path: (root, {split: (rows, labels)})."""
+    import torchvision  # here, not at the top: a test session that reads no data does not pay for it
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    written = {"train": ([], []), "test": ([], [])}
+    train_names = [f"data_batch_{k}" for k in range(1, 6)]
+    for name, n in zip(train_names + ["test_batch"], [2, 3, 1, 2, 2, 4]):
+        rows, labels = fake_rows(n, rng), rng.integers(0, 10, size=n).tolist()
+        write_pickle(folder / name, {"batch_label": name, "data": rows, "labels": labels})
+        split = "test" if name == "test_batch" else "train"
+        written[split][0].append(rows)
+        written[split][1].extend(labels)
+    write_pickle(folder / "batches.meta", {"label_names": [f"class{k}" for k in range(10)]})
+    patch_checksums(monkeypatch, torchvision.datasets.CIFAR10, folder, train_names, ["test_batch"], "batches.meta")
+    return tmp_path, {s: (np.concatenate(r), torch.tensor(l)) for s, (r, l) in written.items()}
+
+
+@pytest.fixture
+def cifar100_root(tmp_path, monkeypatch):
+    """CIFAR-100 stand-in (5 train, 3 test examples) under tmp_path: (root, {split: (rows, fine labels)});
+    the files also hold coarse labels, which advcli must not read."""
+    import torchvision
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    written = {}
+    for name, n in (("train", 5), ("test", 3)):
+        rows = fake_rows(n, rng)
+        fine = [99, 0, 57, 12, 3][:n]
+        coarse = [k // 5 for k in fine]
+        write_pickle(folder / name, {"data": rows, "fine_labels": fine, "coarse_labels": coarse})
+        written[name] = (rows, fine)
+    write_pickle(folder / "meta", {"fine_label_names": [f"f{k}" for k in range(100)], "coarse_label_names": []})
+    patch_checksums(monkeypatch, torchvision.datasets.CIFAR100, folder, ["train"], ["test"], "meta")
+    return tmp_path, written
+
+
+@pytest.fixture
+def svhn_root(tmp_path, monkeypatch):
+    """SVHN stand-in (5 train, 6 test examples) under tmp_path: (root, {split: (X as written (32, 32, 3, n),
+    labels as advcli should read them)}). SVHN's .mat files label digit 0 as 10. Needs scipy."""
+    import scipy.io
+    import torchvision
+
+    rng = np.random.default_rng(2)
+    split_list = dict(torchvision.datasets.SVHN.split_list)
+    written = {}
+    for split, y in (("train", [3, 10, 7, 1, 1]), ("test", [10, 1, 2, 10, 9, 5])):
+        x_hwcn = rng.integers(0, 256, size=(32, 32, 3, len(y)), dtype=np.uint8)  # the .mat layout
+        path = tmp_path / f"{split}_32x32.mat"
+        scipy.io.savemat(path, {"X": x_hwcn, "y": np.array(y, dtype=np.uint8)[:, None]})
+        split_list[split] = [split_list[split][0], path.name, md5(path)]
+        written[split] = (x_hwcn, [k % 10 for k in y])
+    monkeypatch.setattr(torchvision.datasets.SVHN, "split_list", split_list)  # checksum table only
+    return tmp_path, written

@@ -8,12 +8,9 @@ fail (not skip) when the folder is missing.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import pickle
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,51 +261,8 @@ def test_fashion_mnist_train_split_matches_torchvision(data_root):
 
 # ============================================================================================
 # CIFAR-10 / CIFAR-100 / SVHN through torchvision's real parsers, on tiny stand-ins
+# (the fixtures cifar10_root, cifar100_root and svhn_root of conftest.py)
 # ============================================================================================
-
-
-def md5(path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def write_pickle(path, obj) -> None:
-    # The real files are Python 2 pickles whose str keys come back as str under torchvision's
-    # encoding="latin1"; a Python 3 pickle gives the same dicts only with str keys (b"data" would
-    # stay bytes and torchvision's entry["data"] would fail).
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def fake_rows(n: int, rng: np.random.Generator) -> np.ndarray:
-    """CIFAR rows: uint8 (n, 3072) = 1024 red, 1024 green, 1024 blue values, each row-major 32x32."""
-    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-
-
-def patch_checksums(monkeypatch, cls, folder, train_names, test_names, meta_name) -> None:
-    # torchvision checks each file's md5 against these class attributes before parsing. Pointing them
-    # at the stand-ins' md5s changes only the checksum table; torchvision's own reading code still runs.
-    # `meta` holds the metadata file's md5 the same way, so it is adjusted too.
-    monkeypatch.setattr(cls, "train_list", [[name, md5(folder / name)] for name in train_names])
-    monkeypatch.setattr(cls, "test_list", [[name, md5(folder / name)] for name in test_names])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / meta_name)})
-
-
-@pytest.fixture
-def cifar10_root(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    written = {"train": ([], []), "test": ([], [])}
-    train_names = [f"data_batch_{k}" for k in range(1, 6)]
-    for name, n in zip(train_names + ["test_batch"], [2, 3, 1, 2, 2, 4]):
-        rows, labels = fake_rows(n, rng), rng.integers(0, 10, size=n).tolist()
-        write_pickle(folder / name, {"batch_label": name, "data": rows, "labels": labels})
-        split = "test" if name == "test_batch" else "train"
-        written[split][0].append(rows)
-        written[split][1].extend(labels)
-    write_pickle(folder / "batches.meta", {"label_names": [f"class{k}" for k in range(10)]})
-    patch_checksums(monkeypatch, torchvision.datasets.CIFAR10, folder, train_names, ["test_batch"], "batches.meta")
-    return tmp_path, {s: (np.concatenate(r), torch.tensor(l)) for s, (r, l) in written.items()}
 
 
 @pytest.mark.parametrize("split,n", [("train", 10), ("test", 4)])
@@ -332,43 +286,23 @@ def test_cifar10_standin_loads_through_torchvision(cifar10_root, split, n):
     assert torch.equal(load_split("cifar10", split, root=str(root)).images, data.images)
 
 
-def test_cifar100_standin_loads_fine_labels(tmp_path, monkeypatch):
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    written = {}
-    for name, n in (("train", 5), ("test", 3)):
-        rows = fake_rows(n, rng)
-        fine = [99, 0, 57, 12, 3][:n]
-        coarse = [k // 5 for k in fine]
-        write_pickle(folder / name, {"data": rows, "fine_labels": fine, "coarse_labels": coarse})
-        written[name] = (rows, fine)
-    write_pickle(folder / "meta", {"fine_label_names": [f"f{k}" for k in range(100)], "coarse_label_names": []})
-    patch_checksums(monkeypatch, torchvision.datasets.CIFAR100, folder, ["train"], ["test"], "meta")
+def test_cifar100_standin_loads_fine_labels(cifar100_root):
+    root, written = cifar100_root
     for split, (rows, fine) in written.items():
-        data = load_split("cifar100", split, root=tmp_path, download=False)
+        data = load_split("cifar100", split, root=root, download=False)
         assert torch.equal(data.images, torch.from_numpy(rows.reshape(len(fine), 3, 32, 32)))
         assert data.labels.tolist() == fine, "fine labels, not coarse"
     assert dataset_info("cifar100").num_classes == 100
 
 
-def test_svhn_standin_loads_through_torchvision(tmp_path, monkeypatch):
-    import scipy.io  # SVHN needs scipy in any case; see the next test for the message without it
-
-    rng = np.random.default_rng(2)
-    n = 6
-    x_hwcn = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)  # the .mat layout
-    y = np.array([[10], [1], [2], [10], [9], [5]], dtype=np.uint8)  # SVHN writes digit 0 as label 10
-    scipy.io.savemat(tmp_path / "test_32x32.mat", {"X": x_hwcn, "y": y})
-    split_list = dict(torchvision.datasets.SVHN.split_list)
-    split_list["test"] = [split_list["test"][0], "test_32x32.mat", md5(tmp_path / "test_32x32.mat")]
-    monkeypatch.setattr(torchvision.datasets.SVHN, "split_list", split_list)  # checksum table only
-
-    data = load_split("svhn", "test", root=tmp_path, download=False)
-    assert data.images.shape == (n, 3, 32, 32) and data.images.is_contiguous()
-    assert data.labels.tolist() == [0, 1, 2, 0, 9, 5]
+def test_svhn_standin_loads_through_torchvision(svhn_root):
+    root, written = svhn_root
+    x_hwcn, labels = written["test"]
+    data = load_split("svhn", "test", root=root, download=False)
+    assert data.images.shape == (6, 3, 32, 32) and data.images.is_contiguous()
+    assert data.labels.tolist() == labels == [0, 1, 2, 0, 9, 5]  # the files write digit 0 as 10
     assert torch.equal(data.images[4], torch.from_numpy(x_hwcn[:, :, :, 4]).permute(2, 0, 1))
-    reference = torchvision.datasets.SVHN(tmp_path, split="test")
+    reference = torchvision.datasets.SVHN(root, split="test")
     assert torch.equal(data.images[4], pil_to_tensor(reference[4][0]))
 
 

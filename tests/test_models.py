@@ -1,5 +1,8 @@
-"""Tests for advcli.models: shapes, the Madry layer sizes, Normalize, build_model
-errors, input gradients, channels_last, bfloat16 autocast. CPU only, no data."""
+"""Tests for advcli.models: shapes, the Madry layer sizes, the ResNets' and WideResNets' structure and
+parameter counts, Normalize, build_model errors, input gradients, channels_last, bfloat16 autocast.
+CPU only, no data. The tests that run every model of the registry build wide_resnet as WRN-10-1 (see
+SMALL) to stay fast; WRN-28-10's and WRN-34-10's sizes are checked without a forward pass (one WRN-28-10
+forward runs in test_datasets_models.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from advcli.models import (
     ModelError,
     Normalize,
     PreActResNet18,
+    ResNet18,
     SmallCNN,
+    WideResNet,
     build_model,
     is_convolutional,
     uses_batchnorm,
@@ -24,14 +29,32 @@ from advcli.models import (
 # (in_channels, image_size): MNIST-like, CIFAR-like, tiny synthetic
 INPUTS = {"mnist": (1, 28), "cifar": (3, 32), "tiny": (1, 12)}
 STATS = {1: ((0.1307,), (0.3081,)), 3: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))}
+# the smallest form of a model whose size is an option, for the tests that run every model
+SMALL = {"wide_resnet": {"depth": 10, "widen_factor": 1}}
 
 
 def make(name: str, in_channels: int, image_size: int, num_classes: int = 10, **kwargs) -> nn.Module:
+    """Model ``name`` built by build_model under seed 0, in its SMALL form unless ``kwargs`` say otherwise."""
     torch.manual_seed(0)
     mean, std = STATS[in_channels]
     return build_model(
-        name, in_channels=in_channels, image_size=image_size, num_classes=num_classes, mean=mean, std=std, **kwargs
+        name, in_channels=in_channels, image_size=image_size, num_classes=num_classes, mean=mean, std=std,
+        **{**SMALL.get(name, {}), **kwargs}
     )
+
+
+def num_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def feature_sides(net: nn.Module, stages: list[nn.Module], x: torch.Tensor) -> list[int]:
+    """The side of the feature map each of ``stages`` outputs for input ``x`` (eval mode)."""
+    sides = []
+    hooks = [s.register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1])) for s in stages]
+    net.eval()(x)
+    for h in hooks:
+        h.remove()
+    return sides
 
 
 def pixels(n: int, in_channels: int, image_size: int, seed: int = 1) -> torch.Tensor:
@@ -55,7 +78,8 @@ def test_output_shape(name: str, data: str, num_classes: int) -> None:
 
 
 def test_registry_names_and_classes() -> None:
-    assert MODELS == {"mlp": MLP, "cnn": MadryCNN, "small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
+    assert MODELS == {"mlp": MLP, "cnn": MadryCNN, "small_cnn": SmallCNN, "preact_resnet18": PreActResNet18,
+                      "resnet18": ResNet18, "wide_resnet": WideResNet}
 
 
 def test_madry_cnn_has_paper_layer_sizes_on_mnist() -> None:
@@ -122,7 +146,7 @@ def test_mlp_hidden_sizes() -> None:
 
 def test_preact_resnet18_parameter_count_on_cifar10() -> None:
     net = PreActResNet18(in_channels=3, image_size=32, num_classes=10)
-    count = sum(p.numel() for p in net.parameters())
+    count = num_parameters(net)
     # Wong et al. 2020's CIFAR-10 PreActResNet18 has about 11.17M parameters
     assert 11_100_000 <= count <= 11_300_000, count
 
@@ -136,12 +160,91 @@ def test_preact_resnet18_structure() -> None:
     assert [s[-1].conv2.out_channels for s in stages] == [64, 128, 256, 512]
     assert net.linear.weight.shape == (10, 512)
     # feature map shrinks 32 -> 32, 16, 8, 4 through the stages
-    sizes = []
-    hooks = [s.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1])) for s in stages]
-    net.eval()(torch.randn(1, 3, 32, 32))
-    for h in hooks:
-        h.remove()
-    assert sizes == [32, 16, 8, 4]
+    assert feature_sides(net, stages, torch.randn(1, 3, 32, 32)) == [32, 16, 8, 4]
+
+
+def test_resnet18_is_torchvision_resnet18_with_a_small_image_stem() -> None:
+    from torchvision.models import resnet18
+
+    net = ResNet18(in_channels=3, image_size=32, num_classes=10)
+    reference = resnet18(num_classes=10)
+    assert net.conv1.weight.shape == (64, 3, 3, 3)
+    assert net.conv1.stride == (1, 1) and net.conv1.padding == (1, 1) and net.conv1.bias is None
+    assert isinstance(net.maxpool, nn.Identity) and not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    # torchvision's layers under torchvision's names; only the stem's shape differs
+    assert net.state_dict().keys() == reference.state_dict().keys()
+    assert {k: v.shape for k, v in net.state_dict().items() if k != "conv1.weight"} == {
+        k: v.shape for k, v in reference.state_dict().items() if k != "conv1.weight"}
+    assert reference.conv1.weight.shape == (64, 3, 7, 7)
+    # the usual CIFAR ResNet-18: 11,173,962 parameters, torchvision's less the 7x7 -> 3x3 stem difference
+    assert num_parameters(net) == num_parameters(reference) - (7 * 7 - 3 * 3) * 3 * 64 == 11_173_962
+    assert net.fc.weight.shape == (10, 512)
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    assert feature_sides(net, stages, torch.randn(1, 3, 32, 32)) == [32, 16, 8, 4]
+    grey = ResNet18(in_channels=1, image_size=28, num_classes=11)
+    assert grey.conv1.weight.shape == (64, 1, 3, 3) and grey.fc.out_features == 11
+    assert feature_sides(grey, [grey.layer1, grey.layer4], torch.randn(1, 1, 28, 28)) == [28, 4]
+
+
+@pytest.mark.parametrize("depth, widen_factor, count", [(28, 10, 36_479_194), (34, 10, 46_160_474)])
+def test_wide_resnet_parameter_counts(depth: int, widen_factor: int, count: int) -> None:
+    # WRN-28-10 36.5M and WRN-34-10 46.2M on CIFAR-10, the sizes reported for the TRADES and RobustBench models;
+    # built on the meta device: shapes without memory, initialisation or a forward
+    with torch.device("meta"):
+        net = WideResNet(in_channels=3, image_size=32, num_classes=10, depth=depth, widen_factor=widen_factor)
+    assert num_parameters(net) == count
+    blocks = [len(g) for g in (net.layer1, net.layer2, net.layer3)]
+    assert blocks == [(depth - 4) // 6] * 3
+    assert [g[-1].conv2.out_channels for g in (net.layer1, net.layer2, net.layer3)] == [160, 320, 640]
+
+
+def test_wide_resnet_structure() -> None:
+    net = WideResNet(in_channels=3, image_size=32, num_classes=10, depth=16, widen_factor=2)
+    assert net.conv1.weight.shape == (16, 3, 3, 3) and net.conv1.stride == (1, 1)
+    groups = [net.layer1, net.layer2, net.layer3]
+    assert [len(g) for g in groups] == [2, 2, 2]  # depth 16 = 6 * 2 + 4
+    assert [g[-1].conv2.out_channels for g in groups] == [32, 64, 128]
+    assert [g[0].conv1.stride for g in groups] == [(1, 1), (2, 2), (2, 2)]
+    assert [g[1].conv1.stride for g in groups] == [(1, 1)] * 3
+    # a 1x1 shortcut where the width or stride changes (every group's first block here), else the identity
+    assert [g[0].shortcut is not None for g in groups] == [True, True, True]
+    assert all(g[1].shortcut is None for g in groups)
+    assert WideResNet(in_channels=3, image_size=32, num_classes=10, depth=10, widen_factor=1).layer1[0].shortcut is None
+    assert net.bn.num_features == 128 and net.linear.weight.shape == (10, 128)
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.Dropout)) for m in net.modules())
+    assert feature_sides(net, groups, torch.randn(1, 3, 32, 32)) == [32, 16, 8]
+    grey = WideResNet(in_channels=1, image_size=28, num_classes=11, depth=10, widen_factor=1)
+    assert grey.conv1.weight.shape == (16, 1, 3, 3) and grey.linear.out_features == 11
+    assert feature_sides(grey, [grey.layer1, grey.layer2, grey.layer3], torch.randn(1, 1, 28, 28)) == [28, 14, 7]
+    # TRADES' initialisation: He-normal over the fan-out, linear bias zero
+    assert torch.count_nonzero(net.linear.bias) == 0
+    fan_out = 3 * 3 * 128
+    assert net.layer3[1].conv2.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+
+
+def test_wide_resnet_dropout_acts_in_training_only() -> None:
+    x = pixels(4, 3, 32)
+    with_dropout = make("wide_resnet", 3, 32, dropout=0.3)
+    assert not torch.equal(with_dropout.train()(x), with_dropout(x))
+    torch.testing.assert_close(with_dropout.eval()(x), with_dropout(x), rtol=0, atol=0)
+    without = make("wide_resnet", 3, 32)
+    torch.testing.assert_close(without.train()(x), without(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"depth": 27}, ["depth=27", "6n + 4", "model.depth=28"]),
+    ({"depth": 4}, ["depth=4", "6n + 4"]),
+    ({"depth": 30}, ["depth=30", "6n + 4"]),
+    ({"depth": 28.0}, ["depth=28.0", "6n + 4"]),
+    ({"widen_factor": 0}, ["widen_factor=0", "integer >= 1"]),
+    ({"dropout": 1.0}, ["dropout=1.0", "[0, 1)"]),
+])
+def test_wide_resnet_refuses_bad_options_with_a_model_error(options: dict, words: list[str]) -> None:
+    with pytest.raises(ModelError) as info:
+        make("wide_resnet", 3, 32, **options)
+    message = str(info.value)
+    assert all(word in message for word in words), message
+    assert "\n" not in message, "one paragraph"
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -150,7 +253,8 @@ def test_construction_is_deterministic_under_manual_seed(name: str) -> None:
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     torch.manual_seed(1)
-    c = build_model(name, in_channels=3, image_size=32, num_classes=10, mean=STATS[3][0], std=STATS[3][1])
+    c = build_model(name, in_channels=3, image_size=32, num_classes=10, mean=STATS[3][0], std=STATS[3][1],
+                    **SMALL.get(name, {}))
     assert not all(torch.equal(a[k], v) for k, v in c.state_dict().items() if v.is_floating_point())
 
 
@@ -218,17 +322,19 @@ def test_unknown_model_name_lists_valid_names() -> None:
         build_model("resnet50", in_channels=3, image_size=32, num_classes=10, mean=STATS[3][0], std=STATS[3][1])
     message = str(info.value)
     assert "resnet50" in message
-    assert "cnn, mlp, preact_resnet18, small_cnn" in message  # sorted
+    assert "cnn, mlp, preact_resnet18, resnet18, small_cnn, wide_resnet" in message  # sorted
     assert "model=" in message
 
 
-@pytest.mark.parametrize("name, option", [("mlp", "width"), ("cnn", "hidden"), ("preact_resnet18", "width")])
+@pytest.mark.parametrize("name, option", [("mlp", "width"), ("cnn", "hidden"), ("preact_resnet18", "width"),
+                                          ("resnet18", "width"), ("wide_resnet", "width")])
 def test_unknown_option_names_it_and_the_accepted_ones(name: str, option: str) -> None:
     with pytest.raises(ModelError) as info:
         make(name, 1, 28, **{option: 2})
     message = str(info.value)
     assert option in message and name in message
-    accepted = {"mlp": "hidden", "cnn": "width", "preact_resnet18": "(none)"}[name]
+    accepted = {"mlp": "hidden", "cnn": "width", "preact_resnet18": "(none)", "resnet18": "(none)",
+                "wide_resnet": "depth, dropout, widen_factor"}[name]
     assert accepted in message
 
 
@@ -246,7 +352,8 @@ def test_model_error_is_not_a_type_error() -> None:
 
 
 def test_uses_batchnorm_and_is_convolutional() -> None:
-    expected = {"mlp": (False, False), "cnn": (False, True), "small_cnn": (False, True), "preact_resnet18": (True, True)}
+    expected = {"mlp": (False, False), "cnn": (False, True), "small_cnn": (False, True),
+                "preact_resnet18": (True, True), "resnet18": (True, True), "wide_resnet": (True, True)}
     for name, (bn, conv) in expected.items():
         model = make(name, 1, 12)
         assert uses_batchnorm(model) is bn, name

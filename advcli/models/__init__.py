@@ -18,12 +18,14 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from advcli.errors import UserError
+from advcli.errors import ModelError
 from advcli.models.cnn import MadryCNN
 from advcli.models.mlp import MLP
 from advcli.models.normalize import Normalize
 from advcli.models.preact_resnet import PreActResNet18
+from advcli.models.resnet18 import ResNet18
 from advcli.models.small_cnn import SmallCNN
+from advcli.models.wide_resnet import WideResNet
 
 __all__ = [
     "MODELS",
@@ -32,23 +34,28 @@ __all__ = [
     "ModelError",
     "Normalize",
     "PreActResNet18",
+    "ResNet18",
     "SmallCNN",
+    "WideResNet",
     "build_model",
     "is_convolutional",
     "uses_batchnorm",
 ]
 
-MODELS: dict[str, type] = {"mlp": MLP, "cnn": MadryCNN, "small_cnn": SmallCNN, "preact_resnet18": PreActResNet18}
+MODELS: dict[str, type] = {
+    "mlp": MLP,
+    "cnn": MadryCNN,
+    "small_cnn": SmallCNN,
+    "preact_resnet18": PreActResNet18,
+    "resnet18": ResNet18,
+    "wide_resnet": WideResNet,
+}
 
 # given by build_model itself, never through **kwargs
 _SHAPE_ARGS = ("in_channels", "image_size", "num_classes")
 
 # public batch-norm classes; the lazy variants are not used by advcli models
 _BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-class ModelError(UserError):
-    """A model that cannot be built from the given name or options."""
 
 
 def _options(cls: type) -> list[str]:
@@ -74,14 +81,15 @@ def build_model(
     """Build model ``name`` behind a ``Normalize(mean, std)`` layer.
 
     Arguments:
-        name (str): a key of ``MODELS``: ``cnn``, ``small_cnn``, ``mlp`` or ``preact_resnet18``.
+        name (str): a key of ``MODELS``: ``cnn``, ``small_cnn``, ``mlp``, ``preact_resnet18``,
+            ``resnet18`` or ``wide_resnet``.
         in_channels (int): image channels C; ``mean`` and ``std`` need C values.
         image_size (int): image height and width H = W.
         num_classes (int): number of outputs K (K + 1 for an extra "adversarial" class).
         mean (Sequence[float]): per-channel data mean, in [0, 1] pixel units.
         std (Sequence[float]): per-channel data std.
         **kwargs: architecture options, e.g. ``hidden`` for ``mlp``, ``width``
-            for ``cnn``.
+            for ``cnn``, ``depth`` and ``widen_factor`` for ``wide_resnet``.
 
     Returns:
         ``nn.Sequential`` with children ``normalize`` and ``net``; input
@@ -89,6 +97,7 @@ def build_model(
 
     Raises:
         ModelError: unknown ``name``, an option the architecture does not take,
+            an option value it refuses (e.g. a ``wide_resnet`` depth not 6n + 4),
             or ``mean``/``std`` not matching ``in_channels``.
 
     Examples::

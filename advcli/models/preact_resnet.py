@@ -13,17 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advcli.models.checks import require_positive
+
 
 class _PreActBlock(nn.Module):
-    """BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv3x3, plus the shortcut.
+    """BN -> ReLU -> conv3x3 -> BN -> ReLU -> [dropout] -> conv3x3, plus the shortcut.
 
     When the block changes stride or width, the shortcut is a 1x1 convolution
     applied to the pre-activated input (He et al. 2016, Fig. 4e); otherwise it
-    is the identity on the raw input, so the residual path stays clean.
+    is the identity on the raw input, so the residual path stays clean. Also
+    the wide basic block of `advcli.models.wide_resnet` (Zagoruyko & Komodakis
+    2016), which adds dropout between the two convolutions; 0 (no dropout) here.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = dropout
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -35,9 +40,10 @@ class _PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(a)
-        out = self.conv1(a)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
+        out = F.relu(self.bn2(self.conv1(a)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        return self.conv2(out) + skip
 
 
 class PreActResNet18(nn.Module):
@@ -68,11 +74,7 @@ class PreActResNet18(nn.Module):
 
     def __init__(self, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__()
-        if in_channels < 1 or image_size < 1 or num_classes < 1:
-            raise ValueError(
-                f"PreActResNet18 needs positive sizes; got in_channels={in_channels}, "
-                f"image_size={image_size}, num_classes={num_classes}."
-            )
+        require_positive("PreActResNet18", in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         stages = []
         in_planes = 64

@@ -1,0 +1,183 @@
+"""Training objectives (trainer=standard | trades | adv_class) and the evaluation of a model with an
+"adversarial input" output."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advcli import attacks, checkpoint, objectives
+from advcli.evaluate import evaluate_checkpoint
+from advcli.train import train
+from conftest import compose_config, tiny_overrides
+
+# --- TRADES ----------------------------------------------------------------------------------------
+
+
+def test_kl_attack_moves_the_prediction_away_from_the_clean_one(tiny_model, tiny_batch):
+    x, _ = tiny_batch
+    with torch.no_grad():
+        clean_probs = F.softmax(tiny_model(x), dim=1)
+    x_adv = attacks.pgd(tiny_model, x, clean_probs, 0.1, steps=10, loss="kl")
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    x_random = (x + attacks.random_linf(x, 0.1).sign() * 0.1).clamp(0, 1)  # a corner of the ball at random
+    with torch.no_grad():
+        start = attacks.kl_divergence(tiny_model(x), clean_probs)
+        reached = attacks.kl_divergence(tiny_model(x_adv), clean_probs)
+        by_chance = attacks.kl_divergence(tiny_model(x_random), clean_probs)
+    assert start.abs().max() < 1e-5  # KL of a distribution to itself
+    print("KL: attack", reached.mean().item(), "random corner", by_chance.mean().item())
+    assert reached.mean() > 3 * by_chance.mean() and (reached > start).all()
+    with pytest.raises(ValueError, match="early_stop"):
+        attacks.pgd(tiny_model, x, clean_probs, 0.1, loss="kl", early_stop=True)
+
+
+def test_trades_loss_is_clean_ce_plus_beta_kl(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    attack = functools.partial(attacks.pgd, steps=3)
+    torch.manual_seed(0)
+    without = objectives.Trades(attack, beta=0.0)(tiny_model, x, y, 0.1)
+    torch.testing.assert_close(without.loss, F.cross_entropy(tiny_model(x), y, reduction="none"))
+    torch.manual_seed(0)
+    with_kl = objectives.Trades(attack, beta=6.0)(tiny_model, x, y, 0.1)
+    extra = (with_kl.loss - without.loss) / 6.0  # the KL term, the same x' (same seed)
+    assert (extra >= -1e-6).all() and extra.mean() > 0
+    with pytest.raises(ValueError, match="beta"):
+        objectives.Trades(attack, beta=-1.0)
+
+
+def test_trades_training_runs_and_its_loss_decreases(tmp_path):
+    metrics = train(compose_config("train", tiny_overrides(tmp_path, "trainer=trades", "trainer.beta=3", "epochs=4",
+                                                          "lr=3e-3", "evaluation.sanity.enabled=false")))
+    losses = [entry["train_loss"] for entry in metrics["history"]]
+    print("TRADES train loss per epoch", losses)
+    assert metrics["trainer"] == "trades"
+    assert losses[-1] < 0.8 * losses[0]
+    assert metrics["test"]["clean"]["acc"] > 0.7
+
+
+# --- adversarial-input class ------------------------------------------------------------------------
+
+
+def test_rejection_margin_is_positive_only_past_the_true_class_and_the_flag():
+    y = torch.tensor([0, 0, 0, 0])
+    logits = torch.tensor([[3.0, 1.0, 0.0, 2.0],   # correct
+                           [1.0, 2.0, 0.0, 3.0],   # flagged (last output): still a failed attack
+                           [1.0, 3.0, 0.0, 2.0],   # wrong class, not flagged: broken
+                           [1.0, 3.0, 0.0, 3.5]])  # wrong class beats y but the flag is higher: not broken
+    margins = attacks.rejection_margin(logits, y)
+    assert (margins > 0).tolist() == [False, False, True, False]
+    assert attacks.still_safe(logits, y, "rejection_margin").tolist() == [True, True, False, True]
+    assert attacks.still_safe(logits, y, "ce").tolist() == [True, False, False, False]
+
+
+@pytest.fixture(scope="module")
+def adv_class_run(tmp_path_factory):
+    """A K+1-output model trained on synthetic data with trainer=adv_class (shared by the tests below)."""
+    run = tmp_path_factory.mktemp("adv_class")
+    metrics = train(compose_config("train", tiny_overrides(run, "trainer=adv_class", "epochs=3", "lr=3e-3",
+                                                          "eps=0.1", "dataset.num_train=1024",
+                                                          "evaluation.sanity.enabled=false")))
+    return run, metrics
+
+
+def test_adv_class_checkpoint_has_k_plus_one_outputs_and_eval_needs_no_argument(adv_class_run, tmp_path):
+    run, trained = adv_class_run
+    payload = checkpoint.load(run / "checkpoint.pt")
+    assert payload["model_spec"]["adversarial_class"] is True and payload["model_spec"]["num_classes"] == 4
+    model = checkpoint.rebuild_model(payload)
+    assert model(torch.rand(2, 1, 12, 12)).shape == (2, 5)
+
+    evaluated = evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
+                                                            "progress=false", "evaluation.sanity.enabled=false",
+                                                            f"output_dir={tmp_path}"]))
+    test = evaluated["test"]
+    assert set(test) == {"clean", "fgsm", "pgd", "pgd_margin", "pgd_adaptive", "any_attack"}
+    assert 0 <= test["clean"]["flagged"] <= 1 - test["clean"]["acc"]  # false flags are clean errors
+    for name in ("fgsm", "pgd", "pgd_margin", "pgd_adaptive"):
+        row = test[name]
+        assert {"acc", "flagged", "acc_with_rejection"} <= set(row)
+        assert row["acc"] <= row["acc_with_rejection"] <= test["clean"]["acc"] + 1e-9
+        assert row["acc_with_rejection"] <= row["acc"] + row["flagged"] + 1e-9
+    worst = test["any_attack"]
+    assert worst["acc_with_rejection"] <= min(test[n]["acc_with_rejection"] for n in ("fgsm", "pgd", "pgd_adaptive"))
+    assert worst["worst_attack"] in test
+    assert test["clean"]["acc"] == trained["test"]["clean"]["acc"]  # the same model, rebuilt from the file alone
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["test"]["pgd_adaptive"]["attack_loss"] == "rejection_margin"
+
+
+def test_adaptive_attack_lowers_accuracy_with_rejection_at_least_as_much(adv_class_run):
+    _, trained = adv_class_run
+    test = trained["test"]
+    print({name: (round(row["acc"], 3), round(row.get("flagged", 0), 3), round(row.get("acc_with_rejection", 0), 3))
+           for name, row in test.items() if name != "any_attack"})
+    # the blind attack mostly lands on the flag; the adaptive one must go around it
+    assert test["pgd"]["flagged"] > test["pgd_adaptive"]["flagged"]
+    assert test["pgd_adaptive"]["acc_with_rejection"] <= test["pgd"]["acc_with_rejection"]
+    assert test["any_attack"]["worst_attack"] == "pgd_adaptive"
+
+
+def test_adv_class_run_resumes_and_is_refused_as_a_standard_checkpoint(adv_class_run, tmp_path):
+    run, _ = adv_class_run
+    more = train(compose_config("train", tiny_overrides(run, "trainer=adv_class", "epochs=4", "lr=3e-3", "eps=0.1",
+                                                       "dataset.num_train=1024", "evaluation.sanity.enabled=false",
+                                                       "evaluation.num_examples=64")))
+    assert [entry["epoch"] for entry in more["history"]] == [1, 2, 3, 4]  # continued, not restarted
+    with pytest.raises(checkpoint.CheckpointError, match="resume"):
+        train(compose_config("train", tiny_overrides(tmp_path, "epochs=1", f"resume={run / 'checkpoint.pt'}",
+                                                     "dataset.num_train=1024")))
+
+
+def test_adv_class_needs_a_training_attack(tmp_path):
+    from advcli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attack=none"):
+        train(compose_config("train", tiny_overrides(tmp_path, "trainer=adv_class", "attack=none")))
+
+
+def test_standard_checkpoint_is_evaluated_exactly_as_before(tmp_path):
+    metrics = train(compose_config("train", tiny_overrides(tmp_path / "run", "evaluation.sanity.enabled=false")))
+    assert set(metrics["test"]) == {"clean", "fgsm", "pgd", "pgd_margin", "any_attack"}
+    for row in metrics["test"].values():
+        assert "flagged" not in row and "acc_with_rejection" not in row
+    payload = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert payload["model_spec"]["adversarial_class"] is False
+    assert checkpoint.rebuild_model(payload)(torch.rand(2, 1, 12, 12)).shape == (2, 4)
+
+
+def test_sweep_summary_carries_the_accuracy_with_rejection(adv_class_run):
+    from advcli import sweep
+
+    run, _ = adv_class_run
+    row = sweep.read_run(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert row["any_attack_with_rejection_acc"] == metrics["test"]["any_attack"]["acc_with_rejection"]
+    assert row["pgd_adaptive_acc"] == metrics["test"]["pgd_adaptive"]["acc"]
+    text, _ = sweep.table([row])
+    assert "any attack with rejection %" in text
+
+
+def test_viz_of_an_adv_class_checkpoint_marks_flags_and_targets_only_real_classes(adv_class_run, tmp_path):
+    from advcli import viz
+    from conftest import compose_config as compose
+
+    run, _ = adv_class_run
+    cfg = compose("viz", [f"ckpt={run / 'checkpoint.pt'}", "num_images=6", "loss_examples=64", "pgd_steps=5",
+                          "restarts=1", "device=cpu", f"output_dir={tmp_path}"])
+    viz.visualize_checkpoints(cfg)
+    assert (tmp_path / "gallery.png").is_file() and (tmp_path / "large_eps.png").is_file()
+
+    model = checkpoint.rebuild_model(checkpoint.load(run / "checkpoint.pt"))
+    from advcli import data
+
+    images = data.load_split("synthetic", "test", root=".").subset(slice(0, 64))
+    arrays = viz.draw_pictures({"adv_class": model}, images, eps=0.1, norm="linf", out=tmp_path / "direct",
+                               num_images=6, loss_examples=64, pgd_steps=5, restarts=1, num_classes=4)
+    assert arrays["large_eps"]["adv_class"]["images"].shape[0] == 4  # towards the 4 classes, not the flag
+    predicted = torch.cat([arrays["gallery"]["adv_class"][key] for key in ("pred_clean", "pred_fgsm", "pred_pgd")])
+    assert predicted.max() <= 4 and (predicted == 4).any()  # the blind PGD lands on the flag
