@@ -173,16 +173,18 @@ def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], attacks: Mapping[str, Attack], *,
              eps: float, amp_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "eval",
-             total: int | None = None, gather: bool = False) -> dict[str, dict[str, float]]:
+             total: int | None = None, gather: bool = False,
+             adversarial_class: bool = False) -> dict[str, dict[str, float]]:
     """Accuracy and loss of ``model`` under each attack (pixels in [0, 1], eps in pixel units).
 
     Returns ``{name: {"acc", "loss"}, ..., "any_attack": {"acc"}}`` with fractions in [0, 1];
     an example misclassified without attack counts as broken by every attack. The model is left in the
     train/eval mode it came in, with its weights untouched. ``gather``: under torchrun each rank
-    passed its own share of the examples; the results are over all of them.
+    passed its own share of the examples; the results are over all of them. ``adversarial_class``: see
+    `Outcomes.summary`.
     """
     found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, progress=progress, desc=desc,
-                            total=total)
+                            total=total, adversarial_class=adversarial_class)
     return (found.gathered() if gather else found).summary()
 
 

@@ -11,13 +11,15 @@ The variants take turns, ``--chunk`` batches at a time (the order rotating every
 variant's time is the sum of its own chunks: on a shared machine a slow minute then costs every variant
 alike instead of whichever happened to run in it.
 
-    python bench/vs_torchattacks.py                    # about 2-3 minutes on 2 CPU cores
+    python bench/vs_torchattacks.py                    # about 3 minutes on 2 CPU cores
+    python bench/vs_torchattacks.py --reference        # also the plain loop with bf16 + channels_last (+30 s)
     python bench/vs_torchattacks.py --train 60000      # the full training split
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import time
 
@@ -66,18 +68,20 @@ class TorchattacksLoop:
 
 
 class PlainLoop:
-    """The issue's reference: a plain loop with its own PGD, parameters' requires_grad off during the attack (fp32).
+    """The issue's reference: a plain loop with its own PGD, parameters' requires_grad off during the attack
+    (fp32; with ``fast=True`` under bf16 autocast and channels_last, as the issue's fastest row).
 
     It shows what the machine allows without advcli's machinery: where this row is no faster than the
     torchattacks loop, the fp32 gap is in the kernels, not in the Python around them.
     """
 
-    label = "plain loop, requires_grad off (fp32)"
-
-    def __init__(self, images: data.ImageSet, device: torch.device):
-        self.model = fresh_model(device)
+    def __init__(self, images: data.ImageSet, device: torch.device, fast: bool = False):
+        self.label = "plain loop, bf16 autocast + channels_last" if fast else "plain loop, requires_grad off (fp32)"
+        self.model, use_cl = prepare_model(fresh_model(device), device, fast)
+        self.autocast = runtime.autocast(device, torch.bfloat16) if fast else contextlib.nullcontext()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.loader = data.batches(images, BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+        self.loader = data.batches(images, BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                   channels_last=use_cl)
 
     def pgd(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for p in self.model.parameters():
@@ -95,8 +99,9 @@ class PlainLoop:
     def run(self, n: int) -> None:
         for x, y in itertools.islice(self.loader, n):
             self.model.train()
-            x_adv = self.pgd(x, y)
-            loss = F.cross_entropy(self.model(x_adv), y)
+            with self.autocast:
+                x_adv = self.pgd(x, y)
+                loss = F.cross_entropy(self.model(x_adv).float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -145,6 +150,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=10_000, help="training images (one epoch)")
     parser.add_argument("--test", type=int, default=1_000, help="test images for the accuracies")
     parser.add_argument("--chunk", type=int, default=8, help="batches a variant runs before the next takes its turn")
+    parser.add_argument("--reference", action="store_true",
+                        help="also the plain loop under bf16 autocast + channels_last (the issue's 2.44x row)")
     args = parser.parse_args()
     print(describe_machine())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,6 +164,8 @@ def main() -> None:
                 Advcli(images, device, amp="auto", channels_last="auto",
                        label="advcli, defaults (amp=auto, channels_last=auto)"),
                 Advcli(images, device, amp="off", channels_last=False, label="advcli, amp=off channels_last=false")]
+    if args.reference:
+        variants.append(PlainLoop(images, device, fast=True))
     seconds = [0.0] * len(variants)
     batches = data.num_batches(args.train, BATCH)
     for round_, start in enumerate(range(0, batches, args.chunk)):

@@ -58,6 +58,17 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
     for attack in ("clean", "fgsm"):
         assert metrics_two["test"][attack]["acc"] == pytest.approx(metrics_one["test"][attack]["acc"])
 
+    # advcli eval under torchrun: sharded the same way, one writer, the single-process figures
+    evaluated = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                     "advcli.evaluate", f"ckpt={one / 'checkpoint.pt'}", "device=cpu", "progress=false",
+                     "evaluation.num_examples=100", "evaluation.sanity.enabled=false", f"output_dir={tmp_path / 'eval'}"],
+                    tmp_path)
+    assert evaluated.stdout.count("any attack") == 1
+    metrics_eval = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics_eval["processes"] == 2 and metrics_eval["num_examples"] == 100
+    for attack in ("clean", "fgsm"):
+        assert metrics_eval["test"][attack]["acc"] == pytest.approx(metrics_one["test"][attack]["acc"])
+
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("n, batch_size", [(50, 16), (7, 4), (5, 8)])

@@ -142,6 +142,8 @@ def test_never_robust_flags_adversarial_training_whose_held_out_pgd_stays_at_zer
     assert never_robust(history([0.0, 0.0, 0.3]), "fgsm") is None  # it recovered
     assert never_robust(history([0.0, 0.0]), "none") is None  # standard training is not meant to be robust
     assert never_robust(history([0.0, 0.0], clean=0.2), "pgd") is None  # not even the clean task learned yet
+    flagged = never_robust(history([0.01, 0.02]), "pgd", adversarial_class=True)
+    assert "adaptive attack" in flagged and "with rejection" in flagged
 
 
 def test_fast_at_preset_composes_and_runs(tmp_path):

@@ -120,6 +120,10 @@ def test_adaptive_attack_lowers_accuracy_with_rejection_at_least_as_much(adv_cla
     assert test["pgd"]["flagged"] > test["pgd_adaptive"]["flagged"]
     assert test["pgd_adaptive"]["acc_with_rejection"] <= test["pgd"]["acc_with_rejection"]
     assert test["any_attack"]["worst_attack"] == "pgd_adaptive"
+    # the held-out check watches PGD accuracy with rejection (worst of blind and adaptive), not plain accuracy
+    last = trained["history"][-1]
+    assert 0 <= last["val_false_flags"] <= 1 and last["val_pgd_acc"] > 0
+    assert "warnings" not in trained  # not mistaken for a run that never became robust
 
 
 def test_adv_class_run_resumes_and_is_refused_as_a_standard_checkpoint(adv_class_run, tmp_path):
