@@ -89,6 +89,28 @@ def require_positive(name: str, value: Any, hint: str = "") -> float:
     return number
 
 
+def require_between(name: str, value: Any, low: float, high: float | None, hint: str = "") -> float:
+    """`value` as a float in [low, high] (no upper bound when ``high`` is None), or a ConfigError naming the key."""
+    try:
+        number = float(Fraction(str(value)))
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise ConfigError(f"{name}={value} is not a number. {hint}".strip()) from None
+    if not math.isfinite(number) or number < low or (high is not None and number > high):
+        span = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+        raise ConfigError(f"{name}={value} must be {span}. {hint}".strip())
+    return number
+
+
+def check_trainer(trainer_cfg: Any) -> None:
+    """Check the training objective's own settings (`advcli.objectives`)."""
+    if "beta" in trainer_cfg:
+        require_between("trainer.beta", trainer_cfg.beta, 0, None,
+                        "TRADES weighs its KL term by beta: 6 in the paper, 1 keeps more clean accuracy.")
+    if "adv_weight" in trainer_cfg:
+        require_between("trainer.adv_weight", trainer_cfg.adv_weight, 0, 1,
+                        "It is the weight of the adversarial half of the loss; the clean half gets 1 - adv_weight.")
+
+
 def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """`value` if it is one of `choices`, else a ConfigError listing them."""
     if value is False and "off" in choices:  # YAML 1.1 reads an unquoted `off` as false
@@ -184,6 +206,7 @@ def check_training(cfg: Any) -> None:
     require_choice("overfit_guard.action", cfg.overfit_guard.action, ("rollback", "stop", "warn", "off"))
     check_attack("attack", cfg.attack)
     check_attack("validation.attack", cfg.validation.attack)
+    check_trainer(cfg.trainer)
 
 
 def check_writable(folder: Path) -> Path:

@@ -52,7 +52,8 @@ def test_train_config_composes_with_every_group_and_eps_as_typed():
 
 @pytest.mark.parametrize("group,choices", [("model", {"mlp", "cnn", "preact_resnet18"}),
                                            ("dataset", {"mnist", "fashion_mnist", "cifar10", "synthetic"}),
-                                           ("attack", {"none", "fgsm", "pgd"})])
+                                           ("attack", {"none", "fgsm", "pgd"}),
+                                           ("trainer", {"standard", "trades", "adv_class"})])
 def test_config_groups_offer_the_documented_choices(group, choices):
     for choice in choices:
         cfg = compose_config("train", [f"{group}={choice}"])
@@ -70,9 +71,12 @@ def test_data_root_follows_the_environment(monkeypatch, tmp_path):
                                           ("evaluation.attacks.pgd.steps=-1", "evaluation.attacks.pgd.steps"),
                                           ("lr=-1", "lr"), ("norm=l1", "norm"), ("amp=fp8", "amp"),
                                           ("lr_schedule=step", "lr_schedule"), ("attack_mode=test", "attack_mode"),
-                                          ("lr_peak=1", "lr_peak"), ("lr_peak=0", "lr_peak")])
+                                          ("lr_peak=1", "lr_peak"), ("lr_peak=0", "lr_peak"),
+                                          ("trainer=trades trainer.beta=-1", "trainer.beta"),
+                                          ("trainer=trades trainer.beta=abc", "trainer.beta"),
+                                          ("trainer=adv_class trainer.adv_weight=2", "trainer.adv_weight")])
 def test_bad_values_are_refused_by_name(override, key):
-    cfg = compose_config("train", [override])
+    cfg = compose_config("train", override.split())
     with pytest.raises(ConfigError) as error:
         config.run_settings(cfg)
         config.check_training(cfg)
