@@ -123,7 +123,8 @@ def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: f
 
     ``num_classes``: the data's K (default: the first model's outputs). A model with K + 1 outputs
     (``trainer=adv_class``) has an "adversarial input" flag as its last output; the gallery marks the
-    inputs it flags with ⚑ instead of ✗ (refused, not misclassified).
+    inputs it flags with ⚑ instead of ✗ (refused, not misclassified), and its PGD row is the adaptive
+    attack (``loss="rejection_margin"``), which must avoid the flag too.
     """
     x, y = next(data.batches(images.subset(slice(0, num_images)), num_images))
     if num_classes is None:
@@ -138,7 +139,11 @@ def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: f
     axes = figure.subplots(rows, num_images, squeeze=False)
     for m, (label, model) in enumerate(models.items()):
         x_fgsm = attacks.fgsm(model, x, y, eps, norm=norm)
-        x_pgd = attacks.pgd(model, x, y, eps, norm=norm, steps=pgd_steps, restarts=restarts)
+        with torch.no_grad():
+            flags = model(x[:1]).shape[1] > num_classes
+        # against a model with the flag, the PGD row is the adaptive attack, which must avoid the flag too
+        x_pgd = attacks.pgd(model, x, y, eps, norm=norm, steps=pgd_steps, restarts=restarts,
+                            loss="rejection_margin" if flags else "ce")
         delta = x_pgd - x
         shown = 0.5 + delta / (2 * delta.abs().amax().clamp_min(1e-12))  # scaled so the largest change is visible
         with torch.no_grad():
@@ -151,7 +156,8 @@ def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: f
                 mark = "" if said == y[i] else " ⚑" if said == num_classes else " ✗"
                 _show(axes[4 * m + r, i], v[i], f"true {names[y[i]]}, said {names[predictions[name][i]]}{mark}")
             _show(axes[4 * m + 3, i], shown[i])
-        for r, name in enumerate(("clean", "FGSM", "PGD", "PGD change\n(scaled)")):
+        pgd_name = "PGD, adaptive" if flags else "PGD"
+        for r, name in enumerate(("clean", "FGSM", pgd_name, "PGD change\n(scaled)")):
             axes[4 * m + r, 0].set_ylabel(f"{label}\n{name}", fontsize=7)
     flags = any(p.eq(num_classes).any() for found in arrays["gallery"].values()
                 for key, p in found.items() if key.startswith("pred_"))
@@ -246,8 +252,9 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
                 "compare checkpoints trained on the same dataset.")
         label = f"{payload['config']['attack']['_target_'].rsplit('.', 1)[-1]}-trained"  # e.g. "pgd-trained"
         objective = payload["config"].get("trainer", {}).get("_target_", "MinMax").rsplit(".", 1)[-1]
-        if objective != "MinMax":
-            label = f"{label} ({objective})"  # e.g. "pgd-trained (AdversarialClass)"
+        if objective != "MinMax":  # e.g. "adv_class (pgd)"
+            label = {"Trades": "trades", "AdversarialClass": "adv_class"}.get(objective, objective)
+            label = f"{label} ({payload['config']['attack']['_target_'].rsplit('.', 1)[-1]})"
         if label in models:
             label = f"{label} ({key})"
         models[label] = checkpoint.rebuild_model(payload, paths[key]).to(device).eval()
