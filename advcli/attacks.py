@@ -260,8 +260,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
     x = x.detach()
     if early_stop:
         with frozen_parameters(model), torch.no_grad():
-            return _pgd_until_broken(model, x, y, eps, alpha, steps, restarts, random_start, norm, loss_fn,
-                                     lambda logits, labels: still_safe(logits, labels, loss))
+            return _pgd_until_broken(model, x, y, eps, alpha, steps, restarts, random_start, norm, loss)
 
     best_delta, best_loss = None, None
     with frozen_parameters(model):
@@ -287,10 +286,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
 
 
 def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-                      restarts: int, random_start: bool, norm: str, loss_fn: Callable,
-                      safe: Callable = still_safe) -> torch.Tensor:
+                      restarts: int, random_start: bool, norm: str, loss: str) -> torch.Tensor:
     """PGD with ``early_stop=True``: see `pgd`. Runs under no_grad except for each input gradient."""
     project, random_init, ascent = THREAT_MODELS[norm]
+    loss_fn = LOSSES[loss]
     x_adv = x.clone()
     broken = torch.zeros_like(y, dtype=torch.bool)  # misclassified at some point of some restart
     best_loss = torch.full(y.shape, float("-inf"), device=x.device)  # of the unbroken examples' final points
@@ -308,7 +307,7 @@ def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
                 grad, logits = gradient_and_logits(model, x_s, y_s, d_s, loss_fn)
             else:  # the final point of this restart: look, no step
                 logits = model(x_s + d_s)
-            hit = safe(logits, y_s)
+            hit = still_safe(logits, y_s, loss)
             rows = todo[live]
             if not hit.all():
                 x_adv[rows[~hit]] = (x_s + d_s)[~hit]

@@ -102,17 +102,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def total(value: torch.Tensor) -> torch.Tensor:
     """The sum of ``value`` over all ranks (``value`` itself for a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-    return value
+    return _all_reduce(value, dist.ReduceOp.SUM)
 
 
 def largest(value: torch.Tensor) -> torch.Tensor:
     """The elementwise maximum of ``value`` over all ranks (``value`` itself for a single process)."""
+    return _all_reduce(value, dist.ReduceOp.MAX)
+
+
+def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        dist.all_reduce(value, op=op)
     return value
 
 

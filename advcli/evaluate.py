@@ -134,8 +134,10 @@ def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         for x, y in tqdm(batches, desc=desc, total=total, leave=False, disable=not progress, dynamic_ncols=True):
             with torch.no_grad(), runtime.autocast(device, amp_dtype):
                 logits = model(x)
-            clean = logits.argmax(dim=1) == y
-            false_flag_parts.append(logits.argmax(dim=1) == logits.shape[1] - 1)
+            predicted = logits.argmax(dim=1)
+            clean = predicted == y
+            if adversarial_class:
+                false_flag_parts.append(predicted == logits.shape[1] - 1)
             clean_loss = F.cross_entropy(logits.float(), y, reduction="none")
             todo = clean.nonzero().squeeze(1)  # attacks spend work only where the model is right
             x_todo, y_todo = attacks_module.take(x, todo), y[todo]
@@ -149,8 +151,9 @@ def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
                     with torch.no_grad(), runtime.autocast(device, amp_dtype):
                         x_adv = attack(model, x_todo, y_todo, eps)  # input gradients enable grad inside
                         logits = model(x_adv)
-                    hit[todo] = logits.argmax(dim=1) == y_todo
-                    flagged[todo] = logits.argmax(dim=1) == logits.shape[1] - 1
+                    predicted = logits.argmax(dim=1)
+                    hit[todo] = predicted == y_todo
+                    flagged[todo] = predicted == logits.shape[1] - 1
                     loss[todo] = F.cross_entropy(logits.float(), y_todo, reduction="none")
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # so the time is the attack's, not a later one's

@@ -124,16 +124,17 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
                 eps: float, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
                 amp_dtype: torch.dtype | None, attack_mode: str = "train", epoch: int = 1,
                 warmup_steps: int = 0, steps_done: int = 0, progress_state: EpochProgress | None = None,
-                should_stop: Callable[[], bool] = lambda: False,
+                should_stop: Callable[[], bool] = lambda: False, global_batch_size: Callable[[int], int] | None = None,
                 total: int | None = None, progress: bool = True, log_every: int = 20) -> EpochProgress:
     """One pass of training over ``loader`` (or its rest, continuing ``progress_state``): per batch the
     ``objective`` (`advcli.objectives`, e.g. ``MinMax(attack)``) runs its attack and returns per-example
     losses, and the optimiser takes one step on their mean over the (global) batch.
 
     Under torchrun ``model`` is wrapped in DistributedDataParallel and ``loader`` yields this rank's
-    share of each global batch; each rank's loss is scaled so that DDP's average of the ranks'
-    gradients is the gradient of the global batch mean, whatever the shares' sizes, and the epoch's
-    totals are summed over the ranks at the end.
+    share of each global batch; ``global_batch_size(k)`` says how many examples global batch k (from 1)
+    holds over all ranks, and each rank's loss is scaled by world / that, so that DDP's average of the
+    ranks' gradients is the gradient of the global batch mean whatever the shares' sizes (with no extra
+    communication). The epoch's totals are summed over the ranks at the end.
 
     With ``warmup_steps`` the training eps grows linearly from 0 to ``eps`` over that many optimiser
     steps (``steps_done`` were taken before this epoch): at a large eps (0.3 on MNIST) a model
@@ -175,8 +176,7 @@ def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
         with runtime.autocast(device, amp_dtype):
             step = objective(model, x, y, step_eps)
         if world > 1:  # DDP averages the ranks' gradients: scale so the average is the global batch mean
-            global_size = distributed.total(torch.tensor(len(y), device=device))
-            loss = step.loss.sum() * world / global_size
+            loss = step.loss.sum() * (world / global_batch_size(batch))
         else:
             loss = step.loss.mean()
         optimizer.zero_grad(set_to_none=True)
@@ -294,16 +294,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     info = data.dataset_info(dataset.name, **dataset.options)
     s = config.run_settings(cfg, dim=info.in_channels * info.image_size**2)  # every value checked before any work
     config.check_training(cfg)
+    train_attack = hydra.utils.instantiate(cfg.attack)
+    objective = hydra.utils.instantiate(cfg.trainer, attack=train_attack)
+    attack_name = cfg.attack._target_.rsplit(".", 1)[-1]
+    if objective.extra_outputs and attack_name == "none":
+        raise ConfigError(f"trainer={trainer_name(cfg)} trains on the training attack's outputs, but attack=none makes "
+                          "none. Pick a training attack, e.g. attack=pgd or attack=fgsm attack.random_start=true.")
     ranks = distributed.from_environment()
     device = distributed.start(ranks, runtime.resolve_device(cfg.device))
     try:
-        return _train(cfg, ranks, device, dataset, info, s, started)
+        return _train(cfg, ranks, device, dataset, info, s, objective, started)
     finally:
         distributed.stop()
 
 
 def _train(cfg: DictConfig, ranks: distributed.Ranks, device: torch.device, dataset: config.DatasetChoice,
-           info: data.DatasetInfo, s: config.RunSettings, started: float) -> dict[str, Any]:
+           info: data.DatasetInfo, s: config.RunSettings, objective: Callable[..., Step],
+           started: float) -> dict[str, Any]:
+    attack_name = cfg.attack._target_.rsplit(".", 1)[-1]
     main_rank = ranks.is_main
     if not main_rank:  # one log, from rank 0
         logging.getLogger().setLevel(logging.WARNING)
@@ -327,12 +335,6 @@ def _train(cfg: DictConfig, ranks: distributed.Ranks, device: torch.device, data
     train_set, val_set, test_set = train_set.to(device), val_set.to(device), test_set.to(device)
     model_options = OmegaConf.to_container(cfg.model, resolve=True)
     model_name = model_options.pop("name")
-    train_attack = hydra.utils.instantiate(cfg.attack)
-    objective = hydra.utils.instantiate(cfg.trainer, attack=train_attack)
-    attack_name = cfg.attack._target_.rsplit(".", 1)[-1]
-    if objective.extra_outputs and attack_name == "none":
-        raise ConfigError(f"trainer={trainer_name(cfg)} trains on the training attack's outputs, but attack=none makes "
-                          "none. Pick a training attack, e.g. attack=pgd or attack=fgsm attack.random_start=true.")
 
     spec = checkpoint.model_spec(model_name, model_options, in_channels=info.in_channels,
                                  image_size=info.image_size, num_classes=info.num_classes, mean=info.mean, std=info.std,
@@ -417,6 +419,7 @@ def _train(cfg: DictConfig, ranks: distributed.Ranks, device: torch.device, data
             done = train_epoch(net, loader, objective, eps=s.eps, optimizer=optimizer, scheduler=scheduler,
                                warmup_steps=warmup_steps, steps_done=(epoch - 1) * steps_per_epoch,
                                progress_state=partial, should_stop=stop_requested, scaler=scaler, amp_dtype=amp_dtype,
+                               global_batch_size=lambda k: min(cfg.batch_size, len(train_set) - (k - 1) * cfg.batch_size),
                                attack_mode=cfg.attack_mode, epoch=epoch, total=steps_per_epoch,
                                progress=cfg.progress and main_rank, log_every=cfg.log_every)
             partial = None
