@@ -167,12 +167,24 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 def gradient_and_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
                         loss_fn: Callable = cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
-    """d sum_i loss_i / d delta, computed for delta alone, and the (detached) logits at x + delta."""
+    """d sum_i loss_i / d delta, computed for delta alone, and the (detached) logits at x + delta.
+
+    Under fp16 autocast each example's gradient comes back multiplied by a positive factor of its own (the
+    direction, all an attack step uses, is exact): fp16 stops at about 6e-8, so a confident model's loss
+    gradient would underflow to zero on its way back through the network. The gradient at the logits is
+    taken in fp32 and scaled per example so that its largest entry is 1 before it enters the fp16 layers.
+    """
     delta = delta.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x + delta)
-        loss = loss_fn(logits, y).sum()
-        (grad,) = torch.autograd.grad(loss, delta)
+        if logits.dtype != torch.float16:
+            (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), delta)
+            return grad, logits.detach()
+        wide = logits.detach().float().requires_grad_(True)
+        (at_logits,) = torch.autograd.grad(loss_fn(wide, y).sum(), wide)
+        largest = at_logits.abs().amax(dim=1, keepdim=True)
+        at_logits = torch.where(largest > 0, at_logits / largest.clamp_min(torch.finfo(torch.float32).tiny), at_logits)
+        (grad,) = torch.autograd.grad(logits, delta, grad_outputs=at_logits.to(logits.dtype))
     return grad, logits.detach()
 
 
@@ -188,6 +200,20 @@ def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         rows = rows.contiguous(memory_format=torch.channels_last)
     return rows
+
+
+def start_point(x: torch.Tensor, eps: float, norm: str, *, random_start: bool, start_std: float = 0.0) -> torch.Tensor:
+    """The first delta of an attack, inside the ball and the pixel box: uniform in the ball (``random_start``),
+    small Gaussian noise of std ``start_std`` (TRADES starts from 0.001 * N(0, 1): at delta = 0 its KL loss has
+    a zero gradient), or zero."""
+    project, random_init, _ = THREAT_MODELS[norm]
+    if random_start:
+        delta = random_init(x, eps)
+    elif start_std:
+        delta = project(start_std * torch.randn_like(x), eps)
+    else:
+        return torch.zeros_like(x)
+    return (x + delta).clamp(0, 1) - x
 
 
 def _check(eps: float, steps: int, restarts: int, norm: str) -> None:
@@ -210,7 +236,7 @@ def none(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.0, *
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        loss: str = "ce", early_stop: bool = False, targeted: bool = False) -> torch.Tensor:
+        loss: str = "ce", early_stop: bool = False, targeted: bool = False, start_std: float = 0.0) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018, "Towards Deep Learning Models Resistant to
     Adversarial Attacks"): ``steps`` ascent steps of size ``alpha``, each projected back onto the
     ``norm`` ball of radius ``eps`` and onto the [0, 1] pixel box.
@@ -236,6 +262,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
             as examples break, which BatchNorm in train mode would notice.
         targeted: ``y`` holds target classes and the attack descends the loss towards them (restarts
             keep the point closest to the target); not with ``early_stop``.
+        start_std: without ``random_start``, start from Gaussian noise of this std instead of x itself
+            (TRADES: 0.001).
 
     Returns:
         x_adv: (B, C, H, W), detached, in [0, 1], with x_adv - x inside the ball.
@@ -248,7 +276,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
         return x.detach()
     if alpha is None:
         alpha = 2.5 * eps / steps
-    project, random_init, ascent = THREAT_MODELS[norm]
+    project, _, ascent = THREAT_MODELS[norm]
     loss_fn = LOSSES[loss]
     if loss == "kl" and early_stop:
         raise ValueError("loss='kl' maximises a divergence from soft targets; early_stop needs labels")
@@ -265,8 +293,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
     best_delta, best_loss = None, None
     with frozen_parameters(model):
         for _ in range(restarts):
-            delta = random_init(x, eps) if random_start else torch.zeros_like(x)
-            delta = (x + delta).clamp(0, 1) - x
+            delta = start_point(x, eps, norm, random_start=random_start, start_std=start_std)
             for _ in range(steps):
                 grad = input_gradient(model, x, y, delta, loss_fn)
                 delta = project(delta + alpha * ascent(grad), eps)
@@ -288,7 +315,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
 def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
                       restarts: int, random_start: bool, norm: str, loss: str) -> torch.Tensor:
     """PGD with ``early_stop=True``: see `pgd`. Runs under no_grad except for each input gradient."""
-    project, random_init, ascent = THREAT_MODELS[norm]
+    project, _, ascent = THREAT_MODELS[norm]
     loss_fn = LOSSES[loss]
     x_adv = x.clone()
     broken = torch.zeros_like(y, dtype=torch.bool)  # misclassified at some point of some restart
@@ -298,8 +325,7 @@ def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
         if todo.numel() == 0:
             break
         x_r, y_r = take(x, todo), y[todo]
-        delta = random_init(x_r, eps) if random_start else torch.zeros_like(x_r)
-        delta = (x_r + delta).clamp(0, 1) - x_r
+        delta = start_point(x_r, eps, norm, random_start=random_start)
         live = torch.arange(len(todo), device=x.device)  # rows of x_r still attacked in this restart
         for step in range(steps + 1):
             x_s, y_s, d_s = take(x_r, live), y_r[live], delta[live]
@@ -329,20 +355,24 @@ def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
-         norm: str = "linf", random_start: bool = False, loss: str = "ce", **_: object) -> torch.Tensor:
+         norm: str = "linf", random_start: bool = False, restarts: int = 1, loss: str = "ce",
+         start_std: float = 0.0) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one ascent step, i.e. PGD with steps=1.
 
     With ``random_start=True`` it is the "fast" adversarial training attack of Wong et al. 2020
     ("Fast is better than free"): a uniform start in the ball, then a step of alpha = 1.25 * eps
-    (the default then), projected back. Without a random start alpha defaults to eps, which is
-    exactly Goodfellow's x + eps * sign(grad). Extra keywords (``steps``, ``restarts``) are ignored
-    so that FGSM and PGD configs can share top-level keys.
+    (the default then), projected back; ``restarts`` > 1 draws that many starts and keeps, per example,
+    the one with the highest loss. Without a random start alpha defaults to eps, which is exactly
+    Goodfellow's x + eps * sign(grad), and there is nothing to restart.
 
     Returns x_adv: (B, C, H, W), detached, in [0, 1].
     """
+    if restarts > 1 and not (random_start or start_std):
+        raise ValueError("FGSM without a random start is deterministic: restarts > 1 needs random_start=True")
     if alpha is None:
         alpha = 1.25 * eps if random_start else eps
-    return pgd(model, x, y, eps, alpha=alpha, steps=1, norm=norm, random_start=random_start, restarts=1, loss=loss)
+    return pgd(model, x, y, eps, alpha=alpha, steps=1, norm=norm, random_start=random_start, restarts=restarts,
+               loss=loss, start_std=start_std)
 
 
 # --- AutoAttack, through the reference implementation -----------------------------------------
@@ -378,7 +408,7 @@ def _square_l2_fits(h: int, w: int) -> bool:
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
-               version: str = "standard", seed: int = 0, **_: object) -> torch.Tensor:
+               version: str = "standard", seed: int = 0) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
     diverse parameter-free attacks"), run by the authors' code (the ``pyautoattack`` package).
 

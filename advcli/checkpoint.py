@@ -6,8 +6,9 @@ A checkpoint is a dict of tensors and plain Python values::
     model: state_dict            model_spec: {name, options, in_channels, image_size, num_classes, mean, std,
                                               adversarial_class: one more output, "adversarial input"}
     optimizer, scheduler, scaler: state_dicts (for resuming)
-    epoch: completed epochs      rng: torch RNG states
+    epoch: completed epochs      rng: torch RNG states, one entry per rank
     config: the resolved run config (plain dict)      history: per-epoch metrics
+    fingerprint: the settings that define the run (`advcli.config.fingerprint`); a run resumes only into the same
 
 It is loaded with ``torch.load(..., weights_only=True)``, which refuses anything but tensors and
 plain containers, and the model is rebuilt by name from advcli's own registry, so a checkpoint
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advcli import models
+from advcli import config, models
 from advcli.errors import UserError
 
 FORMAT = "advcli-checkpoint"
@@ -127,3 +128,56 @@ def rebuild_model(payload: dict[str, Any], path: str | Path = "checkpoint") -> n
             f"{spec['in_channels']}x{spec['image_size']}x{spec['image_size']} inputs): {detail}"
         ) from None
     return model.eval()
+
+
+# --- resuming a run ----------------------------------------------------------------------------------
+
+def check_same_run(payload: dict[str, Any], path: str | Path, settings: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint whose run had other settings than ``settings`` (a fingerprint), but for
+    those that may change on resume (`advcli.config.MAY_CHANGE_ON_RESUME`)."""
+    ways_out = ("Run it in another directory (hydra.run.dir=PATH, or a new hydra.sweep.dir for a sweep), or start "
+                "over in this one with resume=never. Only epochs (what is left of the learning-rate schedule stretches "
+                "to fit) and the final evaluation's settings (evaluation.attacks, evaluation.num_examples, "
+                "evaluation.sanity) may change when a run resumes.")
+    stored = payload.get("fingerprint")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"Cannot resume from {path}: it was written by an older advcli that did not record the "
+                              f"settings of its run, so continuing it could mix settings. advcli eval can still "
+                              f"evaluate it. {ways_out}")
+    changed = [change for change in config.fingerprint_changes(stored, settings)
+               if not config.may_change_on_resume(change[0])]
+    if changed:
+        shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:8])
+        more = f"; and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise CheckpointError(
+            f"Cannot resume from {path}: it holds a run with other settings ({shown}{more}). Continuing it would "
+            f"train and report a run under settings it was not trained with. {ways_out}")
+
+
+def restore_training(payload: dict[str, Any], path: str | Path, *, model: nn.Module, optimizer, scheduler,
+                     scaler) -> None:
+    """Load a checkpoint's weights and optimiser, schedule and scaler states into this run's objects."""
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"Cannot resume from {path}: its training state does not fit this run "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:200]}). Use resume=never to start over."
+        ) from None
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's random generator states (CPU, and every CUDA device when there is one)."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

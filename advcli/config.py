@@ -12,8 +12,13 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import hashlib
+import inspect
+import json
+
+import hydra
 from omegaconf import OmegaConf
 
 from advcli.errors import ConfigError
@@ -21,7 +26,7 @@ from advcli.errors import ConfigError
 NORMS = ("linf", "l2")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCHEDULES = ("constant", "onecycle", "cosine")
-ATTACK_MODES = ("train", "eval")
+ATTACK_MODES = ("auto", "train", "eval")
 
 
 def parse_eps(value: Any, *, norm: str = "linf", dim: int | None = None) -> float:
@@ -121,7 +126,7 @@ def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def check_attack(where: str, attack_cfg: Any) -> None:
-    """Check the hyper-parameters an attack config may carry (steps, restarts, norm, alpha)."""
+    """Check the hyper-parameters an attack config may carry (steps, restarts, norm, alpha, random start)."""
     if attack_cfg is None:
         return
     if "steps" in attack_cfg:
@@ -132,6 +137,105 @@ def check_attack(where: str, attack_cfg: Any) -> None:
         require_choice(f"{where}.norm", attack_cfg.norm, NORMS)
     if attack_cfg.get("alpha") is not None:
         require_positive(f"{where}.alpha", attack_cfg.alpha, "Leave it unset (null) for the default, a multiple of eps.")
+    if int(attack_cfg.get("restarts", 1)) > 1 and attack_cfg.get("random_start") is False:
+        raise ConfigError(
+            f"{where}.restarts={attack_cfg.restarts} with {where}.random_start=false: without a random start the "
+            f"attack is deterministic, so every restart finds the same point and the restarts would be recorded but "
+            f"never happen. Set {where}.random_start=true to restart from random points of the ball, or "
+            f"{where}.restarts=1 (restarts=N on the command line also sets the evaluation PGD's restarts).")
+
+
+def check_attack_fits(where: str, attack_cfg: Any, *, norm: str, num_classes: int, training: bool = False) -> None:
+    """Check that an attack config can run in this run: the run's threat model, the model's classes, and (for
+    the training attack) an attack meant for training. Everything here is known before any work starts."""
+    kind = attack_kind(attack_cfg)
+    if training and kind == "autoattack":
+        raise ConfigError(
+            "attack=autoattack is an evaluation attack (an ensemble that only asks whether an input can be broken, "
+            "and costs thousands of steps per example); it cannot be the training attack. Train with attack=pgd "
+            "(or fgsm) and evaluate with advcli eval ckpt=PATH attack=autoattack, or add it to the final evaluation "
+            "with +attack@evaluation.attacks.autoattack=autoattack.")
+    if "norm" in attack_cfg and attack_cfg.norm != norm:
+        raise ConfigError(
+            f"{where}.norm={attack_cfg.norm} differs from the run's norm={norm}: eps={norm} radius would be spent in "
+            f"another threat model and the run recorded under the wrong one. One run has one threat model: set "
+            f"norm={attack_cfg.norm} (every attack follows it) and leave {where}.norm unset.")
+    if attack_cfg.get("loss") == "dlr" and num_classes < 3:
+        raise ConfigError(
+            f"{where}.loss=dlr needs at least 3 classes (it divides the margin by the gap between the first and "
+            f"third largest logits), but this model has {num_classes}. Use {where}.loss=margin or ce.")
+    if kind == "autoattack" and num_classes < 4:
+        raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
+                          f"evaluate it with the other attacks (leave {where} out).")
+
+
+def check_evaluation_attacks(attack_cfgs: Mapping[str, Any], *, norm: str, num_classes: int,
+                             adversarial_class: bool = False) -> None:
+    """`check_attack` and `check_attack_fits` for every evaluation attack, and no AutoAttack against a model with
+    an "adversarial input" output: it stops where an input lands on the flag, and counted with rejection that
+    overstates the defence."""
+    for name, attack_cfg in attack_cfgs.items():
+        check_attack(f"evaluation.attacks.{name}", attack_cfg)
+        check_attack_fits(f"evaluation.attacks.{name}", attack_cfg, norm=norm, num_classes=num_classes)
+        if adversarial_class and attack_kind(attack_cfg) == "autoattack":
+            raise ConfigError(
+                f"evaluation.attacks.{name}: AutoAttack is not adaptive to the adversarial-input output of this "
+                "model (trainer=adv_class): it counts an input as broken as soon as it lands on the flag and stops "
+                "there, so its accuracy with rejection would overstate the defence. Evaluate such a model with the "
+                "adaptive PGD (evaluation.adaptive_attacks.pgd_adaptive), which must avoid the flag; leave "
+                "AutoAttack out.")
+
+
+# --- from config to objects: one place, so a config's `name` never reaches a function as a keyword ----------
+
+def attack_kind(node: Any) -> str:
+    """The function behind an attack (or objective) config: ``advcli.attacks.pgd`` -> ``pgd``."""
+    return str(node["_target_"]).rsplit(".", 1)[-1]
+
+
+def choice_name(node: Any, group: str = "") -> str:
+    """What a config of a group was called on the command line: its ``name`` key (every config advcli ships
+    has one), else Hydra's runtime choice for ``group``, else the function behind it."""
+    if node.get("name"):
+        return str(node["name"])
+    from hydra.core.hydra_config import HydraConfig
+
+    if group and HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    return attack_kind(node)
+
+
+def training_label(run_cfg: Any) -> str:
+    """How a run was trained, from its (stored) config: ``pgd-trained``, ``trades (pgd)``, ``adv_class (fgsm)``."""
+    attack = choice_name(run_cfg["attack"], "attack")
+    trainer = choice_name(run_cfg["trainer"], "trainer") if "trainer" in run_cfg else "standard"
+    return f"{attack}-trained" if trainer == "standard" else f"{trainer} ({attack})"
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A config node as a plain, resolved dict."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def instantiate(where: str, node: Any, **extra: Any) -> Any:
+    """``hydra.utils.instantiate`` of an attack or objective config, without its ``name``; a key the function
+    does not take stops the run here with a ConfigError (a partial would only fail at its first call)."""
+    settings = {k: v for k, v in plain(node).items() if k != "name"}
+    target = hydra.utils.get_method(settings["_target_"]) if "." in settings["_target_"] else None
+    if target is not None:
+        keywords = {k: v for k, v in settings.items() if not k.startswith("_")}
+        parameters = inspect.signature(target).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        unknown = [k for k in [*keywords, *extra] if k not in parameters and not takes_any]
+        if unknown:
+            known = [k for k, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                     or (p.default is not inspect.Parameter.empty and k != "eps")]
+            raise ConfigError(
+                f"{where}.{unknown[0]} is not a setting of {attack_kind(settings)}; its settings are: "
+                f"{', '.join(known) or 'none'}. Remove it (or pick another {where.split('.')[0]} config).")
+    return hydra.utils.instantiate(settings, **extra)
 
 
 @dataclass(frozen=True)
@@ -182,6 +286,7 @@ def run_settings(cfg: Any, *, dim: int | None = None) -> RunSettings:
     for name, attack_cfg in cfg.evaluation.attacks.items():
         check_attack(f"evaluation.attacks.{name}", attack_cfg)
     require_choice("evaluation.amp", cfg.evaluation.amp, AMP_MODES)
+    require_int("evaluation.seed", cfg.evaluation.seed, minimum=0)
     return RunSettings(eps=eps, eps_text=str(cfg.eps), norm=norm, restarts=restarts,
                        eval_batch_size=eval_batch_size, num_test=num_test, data_root=data_root(cfg.data.root))
 
@@ -207,6 +312,68 @@ def check_training(cfg: Any) -> None:
     check_attack("attack", cfg.attack)
     check_attack("validation.attack", cfg.validation.attack)
     check_trainer(cfg.trainer)
+
+
+# --- what a run is: the settings that define it ------------------------------------------------------
+
+# Settings of the process, not of the experiment: they change neither what is trained nor how it is judged.
+NOT_IN_FINGERPRINT = ("device", "channels_last", "compile", "resume", "output_dir", "progress", "log_every", "debug",
+                      "data.root", "data.download", "evaluation.batch_size")
+# Settings a resumed run may change: more (or fewer) epochs stretch what is left of the learning-rate schedule;
+# the final evaluation's attacks, size and sanity probes apply to the evaluation that ends the run (its precision
+# and seed also drive the per-epoch held-out check, so they stay).
+MAY_CHANGE_ON_RESUME = ("epochs", "evaluation.attacks", "evaluation.adaptive_attacks", "evaluation.num_examples",
+                        "evaluation.sanity")
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in MAY_CHANGE_ON_RESUME)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def fingerprint(cfg: Any, *, precision: str) -> dict[str, Any]:
+    """The settings that define a training run, as flat dotted keys: everything that changes what is trained
+    or how it is evaluated (`NOT_IN_FINGERPRINT` aside). ``amp`` becomes the ``precision`` it resolved to on this
+    machine, ``eps`` its value (``8/255`` and ``0.0313725...`` are the same run)."""
+    flat = flatten(plain(cfg))
+    kept = {key: value for key, value in flat.items()
+            if not any(key == left or key.startswith(left + ".") for left in NOT_IN_FINGERPRINT)}
+    kept["amp"] = precision
+    kept["eps"] = float(Fraction(str(kept["eps"])))
+    return kept
+
+
+def fingerprint_id(settings: Mapping[str, Any]) -> str:
+    """A short, stable hash of a fingerprint (metrics.json carries it: a sweep matches results to jobs by it)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for every key that differs (a missing key reads as ``<unset>``)."""
+    missing = "<unset>"
+    return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted({*old, *new})
+            if old.get(key, missing) != new.get(key, missing)]
+
+
+def output_dir(cfg: Any) -> Path:
+    """The run directory: ``output_dir`` if set, else Hydra's; checked writable before work starts."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = cfg.get("output_dir")
+    if folder is None:
+        folder = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "outputs/run"
+    return check_writable(Path(folder))
 
 
 def check_writable(folder: Path) -> Path:

@@ -100,6 +100,44 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def active() -> bool:
+    """Whether this process is one of several ranks of a torchrun job."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_first_rank() -> bool:
+    """Rank 0, or the only process."""
+    return not active() or dist.get_rank() == 0
+
+
+def batch_mean(losses: torch.Tensor, global_size: int | None) -> torch.Tensor:
+    """The loss to back-propagate: the mean of per-example ``losses`` over the global batch.
+
+    DDP averages the ranks' gradients, so each rank scales its sum by world / ``global_size`` (the examples
+    of this global batch over all ranks, known from the split): the average is then the gradient of the
+    global batch mean, even when the ranks' shares differ by one, with no extra communication.
+    """
+    if not active():
+        return losses.mean()
+    return losses.sum() * (dist.get_world_size() / global_size)
+
+
+def total_counts(*counts: int, device: torch.device) -> list[int]:
+    """Python counts summed over all ranks (themselves for a single process)."""
+    if not active():
+        return list(counts)
+    return [int(c) for c in total(torch.tensor(counts, device=device)).tolist()]
+
+
+def every_rank(value):
+    """``[rank 0's value, rank 1's, ...]`` on every rank (any picklable object; ``[value]`` for one process)."""
+    if not active():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def total(value: torch.Tensor) -> torch.Tensor:
     """The sum of ``value`` over all ranks (``value`` itself for a single process)."""
     return _all_reduce(value, dist.ReduceOp.SUM)
@@ -111,7 +149,7 @@ def largest(value: torch.Tensor) -> torch.Tensor:
 
 
 def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if active():
         value = value.clone()
         dist.all_reduce(value, op=op)
     return value
@@ -119,14 +157,14 @@ def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same batch)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not active():
         return flag
     return bool(total(torch.tensor([int(flag)], device=device)).item())
 
 
 def gather(part: torch.Tensor) -> torch.Tensor:
     """The ranks' ``part`` tensors (first dimension may differ by rank) concatenated in rank order."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not active():
         return part
     if part.dtype == torch.bool:  # gloo has no bool collectives
         return gather(part.to(torch.uint8)).bool()
@@ -142,7 +180,7 @@ def gather(part: torch.Tensor) -> torch.Tensor:
 
 def same_on_all_ranks(value):
     """Rank 0's ``value`` (any picklable object) on every rank, e.g. the run directory Hydra made there."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not active():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -150,5 +188,5 @@ def same_on_all_ranks(value):
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if active():
         dist.barrier()

@@ -22,6 +22,18 @@ class ModelError(UserError):
     defined here so that the architecture modules under `advcli.models` can raise it too)."""
 
 
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM stopped the run after a checkpoint was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
 FAILED_FILE = "failed.json"  # what a failed sweep job leaves in its directory (read by advcli.sweep)
 
 

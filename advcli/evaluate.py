@@ -32,7 +32,6 @@ from typing import Any, Iterable, Mapping
 import hydra
 import torch
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
@@ -41,7 +40,6 @@ from advcli import attacks as attacks_module
 from advcli import checkpoint, config, data, distributed, report, runtime, sanity
 from advcli.attacks import Attack
 from advcli.errors import ConfigError, run_guarded
-from advcli.models import is_convolutional
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +193,11 @@ def evaluation_attacks(attack_cfgs: Mapping[str, Any]) -> tuple[dict[str, Attack
     """Attack functions from ``{name: attack config}``, and each one's settings as plain data for reports."""
     attacks, described = {}, {}
     for name, attack_cfg in attack_cfgs.items():
-        attacks[name] = hydra.utils.instantiate(attack_cfg)
-        plain = OmegaConf.to_container(attack_cfg, resolve=True)
-        kind = plain.pop("_target_").rsplit(".", 1)[-1]
-        plain.pop("_partial_", None)
+        attacks[name] = config.instantiate(f"evaluation.attacks.{name}", attack_cfg)
+        plain = config.plain(attack_cfg)
+        kind = config.attack_kind(plain)
+        for key in ("_target_", "_partial_", "name"):
+            plain.pop(key, None)
         if kind == "fgsm":
             plain.update(steps=1, restarts=1)
         if kind == "autoattack":
@@ -225,7 +224,7 @@ class Evaluation:
 def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping[str, Any], *,
                    eps_values: list[tuple[float, str]], norm: str, batch_size: int, channels_last: bool = False,
                    amp_dtype: torch.dtype | None = None, sanity_cfg: Any = None, progress: bool = False,
-                   desc: str = "test", adversarial_class: bool = False,
+                   desc: str = "test", adversarial_class: bool = False, seed: int = 0,
                    ranks: distributed.Ranks = distributed.Ranks()) -> Evaluation:
     """Evaluate ``model`` on ``images`` against every attack of ``attack_cfgs`` at every eps, then run
     the sanity checks (`advcli.sanity`) unless ``sanity_cfg.enabled`` is false.
@@ -235,9 +234,19 @@ def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping
         eps_values: ``[(eps, as typed), ...]`` in pixel units. norm: "linf" or "l2" (for the probes).
         sanity_cfg: ``evaluation.sanity`` (enabled, num_examples, tolerance, steps_factor, restarts_factor).
         adversarial_class: the model's last output means "adversarial input" (see `Outcomes.summary`).
+        seed: the random starts' seed (each rank adds its rank): the numbers are a function of the model,
+            these arguments and the seed, whatever ran before.
         ranks: under torchrun each rank attacks a contiguous share of ``images`` and the outcomes are
             gathered; the sanity probes run on rank 0 alone (the others get ``sanity`` None).
     """
+    with runtime.seeded(seed + ranks.rank, images.images.device):
+        return _evaluate_model(model, images, attack_cfgs, eps_values=eps_values, norm=norm, batch_size=batch_size,
+                               channels_last=channels_last, amp_dtype=amp_dtype, sanity_cfg=sanity_cfg,
+                               progress=progress, desc=desc, adversarial_class=adversarial_class, ranks=ranks)
+
+
+def _evaluate_model(model, images, attack_cfgs, *, eps_values, norm, batch_size, channels_last, amp_dtype, sanity_cfg,
+                    progress, desc, adversarial_class, ranks) -> Evaluation:
     attacks, described = evaluation_attacks(attack_cfgs)
     eps_values = sorted(dict(eps_values).items())  # ascending, each value once
     outcomes: dict[float, Outcomes] = {}
@@ -295,24 +304,6 @@ def sanity_report(model: nn.Module, images: data.ImageSet, outcomes: Mapping[flo
         model.train(was_training)
 
 
-def prepare_model(model: nn.Module, device: torch.device, channels_last: Any) -> tuple[nn.Module, bool]:
-    """Move ``model`` to ``device``; channels_last (``auto`` = for conv nets) speeds convolutions up on
-    CPUs and tensor-core GPUs. Returns the model and whether inputs should be channels_last too."""
-    use = is_convolutional(model) if str(channels_last) == "auto" else bool(channels_last)
-    model = model.to(device)
-    if use:
-        model = model.to(memory_format=torch.channels_last)
-    return model, use
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    """``output_dir`` if set, else Hydra's run directory; checked writable before work starts."""
-    folder = cfg.get("output_dir")
-    if folder is None:
-        folder = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "outputs/run"
-    return config.check_writable(Path(folder))
-
-
 def eps_list(cfg: DictConfig, *, norm: str, dim: int) -> list[tuple[float, str]]:
     """``cfg.eps`` as ``[(eps, as typed), ...]``: one value, or a list (``eps=[0,1/255,2/255]``)."""
     texts = [str(v) for v in cfg.eps] if OmegaConf.is_list(cfg.eps) else [str(cfg.eps)]
@@ -335,8 +326,7 @@ def eval_attack_configs(cfg: DictConfig, spec: Mapping[str, Any]) -> dict[str, A
     attack_cfgs = evaluation_attack_configs(cfg.evaluation, spec)
     extra = cfg.get("attack")
     if extra is not None:
-        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-        name = choices.get("attack") or extra._target_.rsplit(".", 1)[-1]
+        name = config.choice_name(extra, "attack")
         if name in attack_cfgs:
             raise ConfigError(
                 f"attack={name}: the evaluation already runs an attack named {name}; change it with "
@@ -365,6 +355,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     single.eps = eps_values[-1][1]
     s = config.run_settings(single, dim=dim)
     attack_cfgs = eval_attack_configs(cfg, spec)
+    config.check_evaluation_attacks(attack_cfgs, norm=norm, num_classes=checkpoint.num_outputs(spec),
+                                    adversarial_class=bool(spec.get("adversarial_class")))
     split = config.require_choice("split", cfg.split, ("train", "test"))
     ranks = distributed.from_environment()
     device = distributed.start(ranks, runtime.resolve_device(cfg.device))
@@ -378,15 +370,14 @@ def _evaluate_checkpoint(cfg: DictConfig, payload: dict[str, Any], attack_cfgs: 
                          eps_values: list[tuple[float, str]], s: config.RunSettings, split: str,
                          ranks: distributed.Ranks, device: torch.device, started: float) -> dict[str, Any]:
     trained, spec = payload["config"], payload["model_spec"]
-    out = distributed.same_on_all_ranks(output_dir(cfg) if ranks.is_main else None)
+    out = distributed.same_on_all_ranks(config.output_dir(cfg) if ranks.is_main else None)
     amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
-    runtime.seed_everything(cfg.seed)
 
     dataset = config.dataset_choice(trained["dataset"])
     images = data.load_split(dataset.name, split, root=s.data_root, download=cfg.data.download, **dataset.options)
     if s.num_test is not None:
         images = images.subset(slice(0, s.num_test))
-    model, channels_last = prepare_model(checkpoint.rebuild_model(payload, cfg.ckpt), device, cfg.channels_last)
+    model, channels_last = runtime.prepare_model(checkpoint.rebuild_model(payload, cfg.ckpt), device, cfg.channels_last)
     images = images.to(device)
     if tuple(images.images.shape[1:]) != (spec["in_channels"], spec["image_size"], spec["image_size"]):
         raise checkpoint.CheckpointError(
@@ -397,7 +388,8 @@ def _evaluate_checkpoint(cfg: DictConfig, payload: dict[str, Any], attack_cfgs: 
     found = evaluate_model(model, images, attack_cfgs, eps_values=eps_values, norm=s.norm,
                            batch_size=s.eval_batch_size, channels_last=channels_last, amp_dtype=amp_dtype,
                            sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress and ranks.is_main,
-                           desc=split, adversarial_class=bool(spec.get("adversarial_class")), ranks=ranks)
+                           desc=split, adversarial_class=bool(spec.get("adversarial_class")),
+                           seed=int(cfg.evaluation.seed), ranks=ranks)
     top = found.curve[-1]
     metrics = {
         "command": "eval", "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "model": spec["name"], "split": split,

@@ -7,8 +7,10 @@ Every objective has one signature::
 It runs its training attack (the inner maximisation) on the bare model, puts the model in train mode
 and returns the per-example loss (B,) the optimiser minimises, plus the logits and targets on which
 "training accuracy" is measured. ``extra_outputs`` says how many outputs the model needs beyond the K
-classes. The caller owns autocast, the BatchNorm mode during the attack, the reduction of the loss
-over the batch (and over ranks) and the optimiser step.
+classes; ``needs_attack`` whether the objective means anything without a training attack;
+``attack_mode`` the BatchNorm mode its attack runs in unless the run says otherwise (``attack_mode=``).
+The caller owns autocast, setting that BatchNorm mode, the reduction of the loss over the batch (and
+over ranks) and the optimiser step.
 
 - `MinMax` (``trainer=standard``): Madry et al. 2018, the cross-entropy at the attack's point; with
   ``attack=none`` it is standard training.
@@ -43,6 +45,8 @@ class MinMax:
     """min_theta E max_{delta in S} CE(f(x + delta), y): the loss at the training attack's point."""
 
     extra_outputs = 0
+    needs_attack = False   # with attack=none it is standard training
+    attack_mode = "train"  # Madry et al. and Wong et al. attack with BatchNorm in train mode
 
     def __init__(self, attack: Attack = attacks.none):
         self.attack = attack
@@ -59,11 +63,16 @@ class Trades:
     CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL inside the threat model.
 
     The training attack's settings (steps, step size, norm, restarts) are kept; its loss becomes the KL
-    to the clean prediction. Larger ``beta`` buys robustness with clean accuracy (the paper uses 6 on
-    CIFAR-10, 1 to 6 on MNIST). Training accuracy is measured on x'.
+    to the clean prediction, and, as in the authors' code, it starts from x + 0.001 * N(0, 1) (at x itself
+    the KL is at its minimum and its gradient is rounding noise) with BatchNorm in eval mode. Larger ``beta``
+    buys robustness with clean accuracy (the paper uses 6 on CIFAR-10, 1 to 6 on MNIST). Training accuracy
+    is measured on x'.
     """
 
     extra_outputs = 0
+    needs_attack = True
+    attack_mode = "eval"
+    start_std = 0.001
 
     def __init__(self, attack: Attack = attacks.none, beta: float = 6.0):
         if beta < 0:
@@ -74,7 +83,7 @@ class Trades:
         bare = unwrap(model)
         with torch.no_grad():
             clean_probs = F.softmax(bare(x).float(), dim=1)
-        x_adv = self.attack(bare, x, clean_probs, eps, loss="kl")
+        x_adv = self.attack(bare, x, clean_probs, eps, loss="kl", random_start=False, start_std=self.start_std)
         model.train()
         logits_clean, logits_adv = model(x), model(x_adv)
         kl = attacks.kl_divergence(logits_adv, F.softmax(logits_clean.float(), dim=1))
@@ -92,6 +101,8 @@ class AdversarialClass:
     """
 
     extra_outputs = 1
+    needs_attack = True
+    attack_mode = "train"
 
     def __init__(self, attack: Attack = attacks.none, adv_weight: float = 0.5):
         if not 0 <= adv_weight <= 1:

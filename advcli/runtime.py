@@ -10,9 +10,13 @@ import contextlib
 import logging
 from pathlib import Path
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from advcli.config import AMP_MODES, require_choice
+from advcli.models import is_convolutional
 from advcli.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -94,3 +98,25 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 def seed_everything(seed: int) -> None:
     """Seed torch's CPU and CUDA generators (advcli draws all its randomness from torch)."""
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Run the block on generators seeded with ``seed``, then give the caller its own generator states back.
+
+    An evaluation draws its random starts here, so its numbers depend on the model, the settings and the seed
+    alone, never on what ran before it (training draws), and it leaves training's random stream untouched.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: Any) -> tuple[nn.Module, bool]:
+    """Move ``model`` to ``device``; channels_last (``auto`` = for conv nets) speeds convolutions up on
+    CPUs and tensor-core GPUs. Returns the model and whether inputs should be channels_last too."""
+    use = is_convolutional(model) if str(channels_last) == "auto" else bool(channels_last)
+    model = model.to(device)
+    if use:
+        model = model.to(memory_format=torch.channels_last)
+    return model, use

@@ -20,6 +20,7 @@ that now owns the directory, are left out.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -34,6 +35,7 @@ from typing import Any, Iterable, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from advcli.config import choice_name
 from advcli.errors import FAILED_FILE, UserError, one_paragraph
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,21 @@ IDENTITY = ("dataset", "model", "attack", "eps")  # always known per job; never 
 
 class SweepError(UserError):
     """A path given to ``advcli summarize`` holds no runs, or a summary cannot be written."""
+
+
+def job_dir(override_dirname: str) -> str:
+    """A sweep job's folder name from its settings (Hydra's ``override_dirname``, e.g. ``attack=pgd,eps=8/255``):
+    the same settings give the same folder whatever the job's number, so a re-run sweep finds its jobs' work.
+    Characters a path cannot hold (``/``) become ``_``; a name too long for a file system keeps its start and
+    a hash of the whole."""
+    name = "".join(c if c.isalnum() or c in "._=,+@-[]" else "_" for c in override_dirname) or "defaults"
+    if len(name) > 120:
+        name = f"{name[:100]}...{hashlib.sha256(override_dirname.encode()).hexdigest()[:12]}"
+    return name
+
+
+# ${advcli.job_dir:...} in train.yaml's hydra.sweep.subdir; registered on import (advcli.train imports this module)
+OmegaConf.register_new_resolver("advcli.job_dir", job_dir, replace=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,10 +174,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     else:  # no results: describe the job from the config it was given
         cfg = _job_config(run_dir)
         if cfg is not None:
-            target = OmegaConf.select(cfg, "attack._target_", default=None)
+            attack = OmegaConf.select(cfg, "attack", default=None)
             row.update(dataset=OmegaConf.select(cfg, "dataset.name", default=None),
                        model=OmegaConf.select(cfg, "model.name", default=None),
-                       attack=target.rsplit(".", 1)[-1] if target else None,
+                       attack=choice_name(attack) if attack is not None else None,
                        eps=str(OmegaConf.select(cfg, "eps", default="")))
     if failure is not None:
         row.update(status="failed", error=str(failure.get("error", "")), error_type=str(failure.get("type", "")),

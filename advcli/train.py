@@ -1,15 +1,18 @@
 """``advcli train``: min-max adversarial training, min_theta E max_{delta in S} L(f_theta(x + delta), y).
 
-The config becomes objects at the top of `train`; below it the loop works on plain values:
-for each batch the training attack maximises the loss inside the threat model, the optimiser
-minimises the loss on the perturbed batch. Each epoch ends with a robust check on a held-out slice
-of the training split (watch it for catastrophic overfitting) and an atomic checkpoint
-(``checkpoint.pt``, plus ``best.pt`` for the best held-out robust accuracy); the run ends by
-evaluating the final model on the test set against every evaluation attack.
+`train(cfg)` reads top to bottom as the run's life:
 
-No finished work is lost: SIGINT/SIGTERM finish the current batch and save a mid-epoch checkpoint,
-and running the same command again in the same run directory (or with ``resume=PATH``) continues
-exactly where the run stopped.
+1. **check** every setting before any work (`check_settings`), then **build** the run: data, model,
+   optimiser, schedule (`build_run`);
+2. **restore** it from its checkpoint when the same run was stopped before (`resume`; a checkpoint of
+   another experiment is refused, see `advcli.config.fingerprint`);
+3. **fit**: per epoch, train (`advcli.epoch.train_epoch`), validate on a held-out slice of the training split,
+   save ``checkpoint.pt`` (and ``best.pt``), and watch for catastrophic overfitting;
+4. **evaluate** the final model on the test set against every evaluation attack and report.
+
+No finished work is lost: SIGINT/SIGTERM finish the current batch and save a mid-epoch checkpoint, and
+running the same command again in the same run directory (or with ``resume=PATH``) continues exactly
+where the run stopped; a finished run only shows its results again.
 
 Run ``python -m advcli.train`` or ``advcli train`` with Hydra overrides, e.g. ``attack=pgd eps=8/255``.
 """
@@ -18,76 +21,242 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
-from tqdm.auto import tqdm
 
-from advcli import attacks, checkpoint, config, data, distributed, report, runtime
-from advcli.errors import ConfigError, UserError, run_guarded
-from advcli.evaluate import evaluate, evaluate_model, evaluation_attack_configs, output_dir, prepare_model
-from advcli.objectives import Step
+from advcli import attacks, checkpoint, config, data, distributed, report, runtime, sweep  # noqa: F401 (sweep: resolver)
+from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
+from advcli.errors import ConfigError, Interrupted, run_guarded
+from advcli.evaluate import evaluate, evaluate_model, evaluation_attack_configs
 from advcli.models import uses_batchnorm
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(UserError):
-    """The training loss became NaN or infinite."""
+# --- 1. check and build ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choices:
+    """What the config asks for, checked: plain values and the objective, before any work."""
+
+    settings: config.RunSettings
+    dataset: config.DatasetChoice
+    info: data.DatasetInfo
+    objective: Objective
+    attack_name: str      # as chosen on the command line (attack=pgd_margin), for every label
+    trainer_name: str
+    attack_mode: str      # BatchNorm's mode during the training attack: train | eval
 
 
-class Interrupted(UserError):
-    """SIGINT or SIGTERM stopped the run after a checkpoint was saved."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
-
-
-def lr_schedule(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int,
-                peak: float = 0.5) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning-rate schedule: ``constant``; ``onecycle`` (linear up to lr at the fraction
-    ``peak`` of training, then down to 0: the cyclic schedule of Wong et al. 2020, who peak at 0.4 on
-    MNIST and 0.5 on CIFAR-10); ``cosine`` (down to 0)."""
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    if name == "onecycle":
-        half = max(1, round(total_steps * peak))
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: step / half if step < half else max(0.0, (total_steps - step) / max(1, total_steps - half)))
-    if name == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    raise ValueError(f"unknown lr schedule {name!r}")
+def check_settings(cfg: DictConfig) -> Choices:
+    """Every value a run depends on, checked; bad input stops here with one paragraph."""
+    dataset = config.dataset_choice(cfg.dataset)
+    info = data.dataset_info(dataset.name, **dataset.options)
+    settings = config.run_settings(cfg, dim=info.in_channels * info.image_size**2)
+    config.check_training(cfg)
+    attack_name, trainer_name = config.choice_name(cfg.attack, "attack"), config.choice_name(cfg.trainer, "trainer")
+    config.check_attack_fits("attack", cfg.attack, norm=settings.norm, num_classes=info.num_classes, training=True)
+    config.check_attack_fits("validation.attack", cfg.validation.attack, norm=settings.norm,
+                             num_classes=info.num_classes)
+    objective = config.instantiate("trainer", cfg.trainer, attack=config.instantiate("attack", cfg.attack))
+    flagged = bool(objective.extra_outputs)
+    config.check_evaluation_attacks(evaluation_attack_configs(cfg.evaluation, {"adversarial_class": flagged}),
+                                    norm=settings.norm, num_classes=info.num_classes + objective.extra_outputs,
+                                    adversarial_class=flagged)
+    if objective.needs_attack and config.attack_kind(cfg.attack) == "none":
+        raise ConfigError(f"trainer={trainer_name} trains on the training attack's outputs, but attack=none makes "
+                          "none, so the run would be standard training under another name. Pick a training attack, "
+                          "e.g. attack=pgd or attack=fgsm attack.random_start=true.")
+    mode = objective.attack_mode if cfg.attack_mode == "auto" else cfg.attack_mode
+    return Choices(settings, dataset, info, objective, attack_name, trainer_name, mode)
 
 
 @dataclass
-class EpochProgress:
-    """Running totals of one epoch, on the device; saved in a mid-epoch checkpoint."""
+class Run:
+    """The objects a run is made of, built once by `build_run`."""
 
-    batches: int = 0                    # batches done so far in this epoch
-    seen: int = 0                       # examples done so far
-    loss_sum: torch.Tensor | float = 0.0
-    correct: torch.Tensor | int = 0     # of `judged` outputs (two per example for trainer=adv_class)
-    judged: int = 0
-    first_bad_batch: torch.Tensor | int = -1  # first batch whose loss was NaN/inf (-1: none)
-    time_s: float = 0.0                 # training time spent in this epoch before an interruption
-    finished: bool = False
+    cfg: DictConfig
+    choices: Choices
+    ranks: distributed.Ranks
+    out: Path
+    spec: dict[str, Any]
+    model: nn.Module                # the bare model: checkpoints, attacks, evaluation
+    net: nn.Module                  # what training's forward passes go through (DDP and/or compiled)
+    channels_last: bool
+    opt: Optimisation
+    eval_amp_dtype: torch.dtype | None
+    train_set: data.ImageSet
+    val_set: data.ImageSet
+    test_set: data.ImageSet
+    val_attacks: dict[str, attacks.Attack]
+    fingerprint: dict[str, Any]     # the settings that define this run (`advcli.config.fingerprint`)
+    steps_per_epoch: int
 
-    def to_plain(self) -> dict[str, Any]:
-        return {"batches": self.batches, "seen": self.seen, "loss_sum": float(self.loss_sum),
-                "correct": int(self.correct), "judged": self.judged, "time_s": self.time_s}
+    @property
+    def adversarial_class(self) -> bool:
+        return bool(self.spec["adversarial_class"])
 
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        cfg, size = self.cfg, len(self.train_set)
+        return EpochPlan(eps=self.choices.settings.eps, epoch=epoch, total=self.steps_per_epoch,
+                         warmup_steps=round(float(cfg.eps_warmup) * self.steps_per_epoch),
+                         steps_before=(epoch - 1) * self.steps_per_epoch, attack_mode=self.choices.attack_mode,
+                         global_batch_size=lambda k: min(cfg.batch_size, size - (k - 1) * cfg.batch_size),
+                         progress_bar=cfg.progress and self.ranks.is_main, log_every=cfg.log_every)
+
+
+def load_data(cfg: DictConfig, choices: Choices, device: torch.device) -> tuple[data.ImageSet, ...]:
+    """Training split, held-out slice of it (the per-epoch robust check; never the test set) and test split."""
+    s, dataset = choices.settings, choices.dataset
+    train_full = data.load_split(dataset.name, "train", root=s.data_root, download=cfg.data.download, **dataset.options)
+    test_set = data.load_split(dataset.name, "test", root=s.data_root, download=cfg.data.download, **dataset.options)
+    n_val = min(int(cfg.data.val_size), len(train_full) // 10)
+    train_set = train_full.subset(slice(0, len(train_full) - n_val))
+    val_set = train_full.subset(slice(len(train_full) - n_val, len(train_full)))
+    if cfg.data.train_size is not None:
+        train_set = train_set.subset(slice(0, int(cfg.data.train_size)))
+    if s.num_test is not None:
+        test_set = test_set.subset(slice(0, s.num_test))
+    return train_set.to(device), val_set.to(device), test_set.to(device)
+
+
+def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, device: torch.device) -> Run:
+    """Data, model, optimiser and schedule, on this rank's device."""
+    if not ranks.is_main:  # one log, from rank 0
+        logging.getLogger().setLevel(logging.WARNING)
+    out = distributed.same_on_all_ranks(config.output_dir(cfg) if ranks.is_main else None)
+    amp_dtype = runtime.resolve_amp(cfg.amp, device)
+    s, info = choices.settings, choices.info
+    log.info("device %s, %s, eps %s (%s), run directory %s%s", device, runtime.describe_precision(amp_dtype),
+             config.format_eps(s.eps), s.norm, out, f", {ranks.world} processes" if ranks.enabled else "")
+    runtime.seed_everything(cfg.seed)
+    train_set, val_set, test_set = load_data(cfg, choices, device)
+    options = config.plain(cfg.model)
+    spec = checkpoint.model_spec(options.pop("name"), options, in_channels=info.in_channels, image_size=info.image_size,
+                                 num_classes=info.num_classes, mean=info.mean, std=info.std,
+                                 adversarial_class=bool(choices.objective.extra_outputs))
+    model, channels_last = runtime.prepare_model(checkpoint.build_from_spec(spec), device, cfg.channels_last)
+    net = distributed.wrap(torch.compile(model) if cfg.compile else model, ranks, device)
+    if ranks.enabled:  # the same initial weights everywhere (seeded above); each rank its own random starts
+        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
+    optimizer = config.instantiate("optimizer", cfg.optimizer)(model.parameters())
+    steps_per_epoch = data.num_batches(len(train_set), cfg.batch_size)
+    scheduler = lr_schedule(cfg.lr_schedule, optimizer, total_steps=cfg.epochs * steps_per_epoch,
+                            peak=float(cfg.lr_peak))
+    val_attacks = {"clean": attacks.none, "pgd": config.instantiate("validation.attack", cfg.validation.attack)}
+    if spec["adversarial_class"]:  # the flag counts as a defence only against an attack that tries to avoid it
+        val_attacks["pgd_adaptive"] = functools.partial(val_attacks["pgd"], loss="rejection_margin")
+    if choices.attack_mode == "eval" and uses_batchnorm(model):
+        log.info("the training attack runs with BatchNorm in eval mode (attack_mode=%s)", cfg.attack_mode)
+    return Run(cfg, choices, ranks, out, spec, model, net, channels_last,
+               Optimisation(optimizer, scheduler, runtime.grad_scaler(device, amp_dtype), amp_dtype),
+               runtime.resolve_amp(cfg.evaluation.amp, device), train_set, val_set, test_set, val_attacks,
+               config.fingerprint(cfg, precision=runtime.describe_precision(amp_dtype)), steps_per_epoch)
+
+
+# --- 2. restore ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingState:
+    """Where training stands: what a checkpoint holds besides the weights and optimiser states."""
+
+    epoch: int = 0                          # completed epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -math.inf           # best held-out robust accuracy so far (best.pt's)
+    stopped: dict[str, Any] | None = None   # what the overfitting guard found, if it fired
+    partial: EpochProgress | None = None    # an interrupted epoch's progress
+
+    def done(self, cfg: DictConfig) -> bool:
+        """Nothing left to train: every epoch ran, or the overfitting guard ended the run."""
+        ended = self.stopped is not None and cfg.overfit_guard.action in ("rollback", "stop")
+        return self.epoch >= cfg.epochs or ended
+
+
+def resume_point(cfg: DictConfig, ckpt_path: Path) -> Path | None:
+    """The checkpoint to continue from: ``resume=PATH``; with ``resume=auto`` the run directory's own
+    checkpoint.pt if there is one (running a command again continues it); ``resume=never``: none."""
+    if cfg.resume in (None, False, "never"):
+        return None
+    if cfg.resume == "auto":
+        return ckpt_path if ckpt_path.is_file() else None
+    return Path(str(cfg.resume))
+
+
+def resume(run: Run) -> TrainingState:
+    """The state of the checkpoint this run continues, loaded into the run's objects; a fresh state if none."""
+    path = resume_point(run.cfg, run.out / "checkpoint.pt")
+    if path is None:
+        return TrainingState()
+    payload = checkpoint.load(path)
+    checkpoint.check_same_run(payload, path, run.fingerprint)
+    check_new_length(run.cfg, payload, path)
+    checkpoint.restore_training(payload, path, model=run.model, optimizer=run.opt.optimizer,
+                                scheduler=run.opt.scheduler, scaler=run.opt.scaler)
+    # a changed number of epochs: what is left of the schedule stretches to the new length, without a jump
+    run.opt.scheduler.lr_lambdas[0].stretch(run.opt.scheduler.last_epoch, run.cfg.epochs * run.steps_per_epoch)
+    restore_rank_rng(payload["rng"], run.ranks, seed=run.cfg.seed + payload["epoch"])
+    state = TrainingState(epoch=payload["epoch"], history=list(payload["history"]),
+                          best_score=payload["best_score"], stopped=payload["stopped"],
+                          partial=EpochProgress(**payload["partial"]) if payload.get("partial") else None)
+    where = f"epoch {state.epoch + 1}, batch {state.partial.batches}" if state.partial else f"the end of epoch {state.epoch}"
+    log.info("resuming from %s at %s", path, where)
+    return state
+
+
+def check_new_length(cfg: DictConfig, payload: dict[str, Any], path: Path) -> None:
+    """A resumed run may change its number of epochs, but not below what it trained, nor past a schedule's end."""
+    trained, planned = payload["epoch"], payload["fingerprint"]["epochs"]
+    if trained > cfg.epochs:
+        raise ConfigError(f"epochs={cfg.epochs}, but the run in {path} already trained {trained} epochs. Pass "
+                          f"epochs={trained} or more to continue it, or resume=never to start over.")
+    if cfg.epochs > planned and trained == planned and cfg.lr_schedule != "constant":
+        raise ConfigError(
+            f"epochs={cfg.epochs}: the run in {path} finished its {planned} epochs, and its schedule "
+            f"(lr_schedule={cfg.lr_schedule}) has already brought the learning rate down to 0, so more epochs would "
+            f"train at lr 0. Start a new run with epochs={cfg.epochs} (resume=never, or another directory); a run "
+            "that is stopped before its end can be given more epochs.")
+
+
+def restore_rank_rng(saved: list[dict[str, Any]], ranks: distributed.Ranks, *, seed: int) -> None:
+    """Each rank takes back its own generator states, so a resumed run draws what the unbroken one would."""
+    if len(saved) == ranks.world:
+        checkpoint.restore_rng(saved[ranks.rank])
+        return
+    log.warning("the checkpoint was written by %d process(es), this run has %d: the random draws from here on "
+                "differ from those of an unbroken run", len(saved), ranks.world)
+    torch.manual_seed(seed + 1_000_003 * ranks.rank)
+
+
+def snapshot(run: Run, state: TrainingState, progress: EpochProgress | None = None) -> dict[str, Any]:
+    """What a checkpoint holds (every rank calls it: the random states are gathered from all of them)."""
+    opt = run.opt
+    return {"model": run.model.state_dict(), "model_spec": run.spec, "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(), "epoch": state.epoch,
+            "partial": progress.to_plain() if progress else None,
+            "rng": distributed.every_rank(checkpoint.capture_rng()), "history": state.history,
+            "best_score": state.best_score, "stopped": state.stopped, "config": config.plain(run.cfg),
+            "fingerprint": run.fingerprint}
+
+
+def save(run: Run, path: Path, payload: dict[str, Any]) -> None:
+    if run.ranks.is_main:  # one writer; the others wait, so that a rollback reads a finished file
+        checkpoint.save(path, payload)
+    distributed.barrier()
+
+
+# --- 3. fit ----------------------------------------------------------------------------------------------
 
 class StopRequests:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current batch (a second
@@ -115,116 +284,122 @@ class StopRequests:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def __call__(self) -> bool:
-        return self.signum is not None
+    def poll(self, ranks: distributed.Ranks, device: torch.device, every: int) -> Callable[..., bool]:
+        """``should_stop(now=False)``. Under torchrun every rank must stop after the same batch, so the ranks
+        agree (a collective, and on CUDA a host sync) every ``every`` batches, and whenever ``now``."""
+        polls = itertools.count(1)
+
+        def should_stop(now: bool = False) -> bool:
+            if not ranks.enabled:
+                return self.signum is not None
+            return (now or next(polls) % every == 0) and distributed.any_rank(self.signum is not None, device)
+        return should_stop
+
+    def interrupted(self, message: str) -> Interrupted:
+        signum = self.signum or signal.SIGTERM  # a rank that got no signal stops because another did
+        return Interrupted(f"{signal.Signals(signum).name} {message}", signum)
 
 
-def train_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                objective: Callable[..., Step], *,
-                eps: float, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                amp_dtype: torch.dtype | None, attack_mode: str = "train", epoch: int = 1,
-                warmup_steps: int = 0, steps_done: int = 0, progress_state: EpochProgress | None = None,
-                should_stop: Callable[[], bool] = lambda: False, global_batch_size: Callable[[int], int] | None = None,
-                total: int | None = None, progress: bool = True, log_every: int = 20) -> EpochProgress:
-    """One pass of training over ``loader`` (or its rest, continuing ``progress_state``): per batch the
-    ``objective`` (`advcli.objectives`, e.g. ``MinMax(attack)``) runs its attack and returns per-example
-    losses, and the optimiser takes one step on their mean over the (global) batch.
-
-    Under torchrun ``model`` is wrapped in DistributedDataParallel and ``loader`` yields this rank's
-    share of each global batch; ``global_batch_size(k)`` says how many examples global batch k (from 1)
-    holds over all ranks, and each rank's loss is scaled by world / that, so that DDP's average of the
-    ranks' gradients is the gradient of the global batch mean whatever the shares' sizes (with no extra
-    communication). The epoch's totals are summed over the ranks at the end.
-
-    With ``warmup_steps`` the training eps grows linearly from 0 to ``eps`` over that many optimiser
-    steps (``steps_done`` were taken before this epoch): at a large eps (0.3 on MNIST) a model
-    trained at full strength from the first step often never leaves chance accuracy.
-
-    Metrics accumulate on the device; the host reads them only every ``log_every`` batches (progress
-    bar and divergence check), so the step itself never waits on a sync. Returns the epoch's
-    progress, ``finished`` False when ``should_stop()`` ended it early.
-    """
-    device = next(model.parameters()).device
-    state = progress_state or EpochProgress()
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    # running sums, summed over the ranks at the end; a resumed epoch's earlier totals (``state``, already over
-    # all ranks) start rank 0's, so that they are counted once and a resumed run adds up exactly as an unbroken one
-    loss_sum = torch.as_tensor(state.loss_sum if first_rank else 0.0, dtype=torch.float32, device=device)
-    correct = torch.as_tensor(state.correct if first_rank else 0, dtype=torch.long, device=device)
-    first_bad = torch.as_tensor(state.first_bad_batch, dtype=torch.long, device=device)
-    seen, judged, batch, stopped = 0, 0, state.batches, False  # this call's examples, this rank's
-    bar = tqdm(loader, total=total, initial=state.batches, desc=f"epoch {epoch}", leave=False,
-               disable=not progress, dynamic_ncols=True)
-
-    def check(batch: int) -> float:
-        mean_loss = loss_sum.item() / max(state.seen + seen, 1)  # rank 0's view, for the progress bar
-        bad = int(distributed.largest(first_bad).item())  # with several ranks: the latest rank's
-        if bad >= 0:
-            raise TrainingDiverged(
-                f"Training diverged: the loss became NaN or infinite in epoch {epoch} at batch {bad}. The learning "
-                f"rate (lr={optimizer.param_groups[0]['lr']:.3g} at that point) is the usual cause; a large eps "
-                f"(eps={eps:.4g}) can also push the loss up faster than training can follow. Lower lr (or use "
-                "amp=off if this happened under fp16). The checkpoint of the last completed epoch, if any, is intact."
-            )
-        return mean_loss
-
-    for batch, (x, y) in enumerate(bar, start=state.batches + 1):
-        if attack_mode == "eval":
-            model.eval()  # BatchNorm uses running statistics while the attack searches
-        step_eps = eps * min(1.0, (steps_done + batch) / warmup_steps) if warmup_steps else eps
-        with runtime.autocast(device, amp_dtype):
-            step = objective(model, x, y, step_eps)
-        if world > 1:  # DDP averages the ranks' gradients: scale so the average is the global batch mean
-            loss = step.loss.sum() * (world / global_batch_size(batch))
-        else:
-            loss = step.loss.mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        local_sum = step.loss.detach().sum()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(local_sum), batch, first_bad)
-        loss_sum += local_sum
-        correct += (step.logits.detach().argmax(dim=1) == step.targets).sum()
-        seen += y.shape[0]
-        judged += step.targets.shape[0]
-        if batch % log_every == 0 or batch == total:
-            acc = correct.item() / max(state.judged + judged, 1)
-            bar.set_postfix(loss=f"{check(batch):.4f}", acc=f"{acc:.2%}")
-        if should_stop():
-            stopped = True
-            break
-    bar.close()
-    check(batch)
-    finished = not stopped or batch == total
-    if world > 1:
-        counts = distributed.total(torch.tensor([seen, judged], device=device)).tolist()
-        loss_sum, correct, (seen, judged) = distributed.total(loss_sum), distributed.total(correct), counts
-    return EpochProgress(batches=batch, seen=state.seen + seen, loss_sum=loss_sum.item(), correct=int(correct.item()),
-                         judged=state.judged + judged, time_s=state.time_s, finished=finished)
+def epoch_batches(run: Run, epoch: int, partial: EpochProgress | None):
+    """The epoch's batches, in an order that depends on (seed, epoch) only; a resumed epoch skips those done."""
+    order = torch.Generator().manual_seed(run.cfg.seed * 100_003 + epoch)
+    loader = data.batches(run.train_set, run.cfg.batch_size, shuffle=True, generator=order, shard=run.ranks.shard,
+                          crop_padding=run.choices.dataset.crop_padding, flip=run.choices.dataset.flip,
+                          channels_last=run.channels_last)
+    return itertools.islice(loader, partial.batches, None) if partial else loader  # replays the crop/flip draws
 
 
-def overfitting(history: list[dict[str, Any]], guard: Any) -> dict[str, Any] | None:
+def validate(run: Run) -> dict[str, float]:
+    """Clean and PGD accuracy on the held-out slice, in the evaluation's precision and random stream."""
+    if not len(run.val_set):
+        return {}
+    s = run.choices.settings
+    share = run.val_set.subset(data.share(len(run.val_set), run.ranks.shard))
+    with runtime.seeded(int(run.cfg.evaluation.seed) + run.ranks.rank, run.val_set.images.device):
+        val = evaluate(run.model, data.batches(share, s.eval_batch_size, channels_last=run.channels_last),
+                       run.val_attacks, eps=s.eps, amp_dtype=run.eval_amp_dtype, gather=run.ranks.enabled,
+                       adversarial_class=run.adversarial_class)
+    entry = {"val_clean_acc": val["clean"]["acc"], "val_pgd_acc": val["pgd"]["acc"]}
+    if run.adversarial_class:  # what the guard and best.pt watch: with rejection, the worst of blind and adaptive
+        entry.update(val_pgd_acc=val["any_attack"]["acc_with_rejection"], val_false_flags=val["clean"]["flagged"])
+    return entry
+
+
+def fit(run: Run, state: TrainingState) -> None:
+    """Train the epochs that are left; a signal saves a checkpoint and raises `Interrupted`."""
+    with StopRequests() as stop:
+        should_stop = stop.poll(run.ranks, run.train_set.images.device, run.cfg.log_every)
+        for epoch in range(state.epoch + 1, run.cfg.epochs + 1):
+            if state.done(run.cfg):
+                break
+            fit_epoch(run, state, epoch, stop, should_stop)
+
+
+def fit_epoch(run: Run, state: TrainingState, epoch: int, stop: StopRequests, should_stop: Callable[..., bool]) -> None:
+    """One epoch: train, validate, save, guard."""
+    started = time.perf_counter()
+    run.model.train()
+    done = train_epoch(run.net, epoch_batches(run, epoch, state.partial), run.choices.objective, run.opt,
+                       run.epoch_plan(epoch), resume_from=state.partial, should_stop=should_stop)
+    state.partial = None
+    done.time_s += time.perf_counter() - started
+    ckpt_path = run.out / "checkpoint.pt"
+    if not done.finished:
+        save(run, ckpt_path, snapshot(run, state, done))
+        raise stop.interrupted(
+            f"stopped the run in epoch {epoch} after batch {done.batches} of {run.steps_per_epoch}; its state is saved "
+            f"in {ckpt_path}. Run the same command again with hydra.run.dir={run.out} to continue where it stopped "
+            f"(or resume={ckpt_path}).")
+    entry = {"epoch": epoch, "lr": done.lr, "train_loss": done.loss_sum / max(done.seen, 1),
+             "train_acc": done.correct / max(done.judged, 1), "time_s": done.time_s, **validate(run)}
+    state.history.append(entry)
+    state.epoch = epoch
+    log.info(report.epoch_line(entry, run.cfg.epochs))
+    score = entry.get("val_pgd_acc", entry["train_acc"])
+    is_best, state.best_score = score >= state.best_score, max(score, state.best_score)
+    save(run, ckpt_path, snapshot(run, state))
+    if is_best:
+        save(run, run.out / "best.pt", snapshot(run, state))
+    if guard(run, state):
+        return
+    if should_stop(now=True):  # the signal came during validation or saving: the epoch is complete and saved
+        raise stop.interrupted(f"stopped the run after epoch {epoch}; it is saved in {ckpt_path}. Run the same "
+                               "command again to continue.")
+
+
+def guard(run: Run, state: TrainingState) -> bool:
+    """The catastrophic-overfitting guard: True when it ended the run (rolled back to best.pt, or stopped)."""
+    collapse = overfitting(state.history, run.cfg.overfit_guard)
+    if not collapse:
+        return False
+    state.stopped = collapse
+    if run.cfg.overfit_guard.action not in ("rollback", "stop"):
+        return False
+    if run.cfg.overfit_guard.action == "rollback":
+        run.model.load_state_dict(checkpoint.load(run.out / "best.pt")["model"])
+    save(run, run.out / "checkpoint.pt", snapshot(run, state))  # a rerun sees `stopped` and only evaluates
+    return True
+
+
+def overfitting(history: list[dict[str, Any]], guard_cfg: Any) -> dict[str, Any] | None:
     """Catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapsing while training goes on.
 
-    Returns what happened when the latest epoch's PGD accuracy fell more than ``guard.drop`` (absolute)
+    Returns what happened when the latest epoch's PGD accuracy fell more than ``guard_cfg.drop`` (absolute)
     below the best so far, else None; logs a warning saying what the guard does about it.
     """
     scores = [entry["val_pgd_acc"] for entry in history if "val_pgd_acc" in entry]
-    if guard.action == "off" or len(scores) < 2:
+    if guard_cfg.action == "off" or len(scores) < 2:
         return None
     best = max(scores)
-    if best - scores[-1] <= guard.drop:
+    if best - scores[-1] <= guard_cfg.drop:
         return None
     best_epoch = next(entry["epoch"] for entry in history if entry.get("val_pgd_acc") == best)
     action = {"rollback": f"rolling back to epoch {best_epoch} (best.pt) and stopping",
-              "stop": "stopping with the last weights", "warn": "going on (overfit_guard.action=warn)"}[guard.action]
+              "stop": "stopping with the last weights", "warn": "going on (overfit_guard.action=warn)"}[guard_cfg.action]
     log.warning("catastrophic overfitting: held-out PGD accuracy fell from %.2f%% (epoch %d) to %.2f%% (epoch %d); %s",
                 100 * best, best_epoch, 100 * scores[-1], history[-1]["epoch"], action)
     return {"triggered": True, "epoch": history[-1]["epoch"], "best_epoch": best_epoch, "best_val_pgd_acc": best,
-            "val_pgd_acc": scores[-1], "action": guard.action}
+            "val_pgd_acc": scores[-1], "action": guard_cfg.action}
 
 
 def never_robust(history: list[dict[str, Any]], attack: str, *, floor: float = 0.05,
@@ -249,267 +424,101 @@ def never_robust(history: list[dict[str, Any]], attack: str, *, floor: float = 0
     return message
 
 
-def capture_rng() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+# --- 4. evaluate and report ----------------------------------------------------------------------------
+
+def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str, Any]:
+    """The final model on the test set against every evaluation attack; metrics.json, the table, the curves."""
+    cfg, s, c = run.cfg, run.choices.settings, run.choices
+    warning = never_robust(state.history, c.attack_name, adversarial_class=run.adversarial_class)
+    eval_start = time.perf_counter()
+    found = evaluate_model(run.model, run.test_set, evaluation_attack_configs(cfg.evaluation, run.spec),
+                           adversarial_class=run.adversarial_class, eps_values=[(s.eps, s.eps_text)], norm=s.norm,
+                           batch_size=s.eval_batch_size, channels_last=run.channels_last, amp_dtype=run.eval_amp_dtype,
+                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress and run.ranks.is_main,
+                           desc="test", seed=int(cfg.evaluation.seed), ranks=run.ranks)
+    train_time = sum(entry["time_s"] for entry in state.history)
+    metrics = {
+        "command": "train", "dataset": c.dataset.name, "model": run.spec["name"], "trainer": c.trainer_name,
+        "attack": c.attack_name, "attack_settings": training_attack_settings(cfg), "eps": s.eps, "eps_text": s.eps_text,
+        "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
+        "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
+        "test": found.results, "history": state.history, "train_time_s": train_time,
+        "eval_time_s": time.perf_counter() - eval_start, "wall_time_s": time.perf_counter() - started,
+        "device": str(run.test_set.images.device), "precision": run.fingerprint["amp"], "torch": torch.__version__,
+        "checkpoint": str(run.out / "checkpoint.pt"), "best_checkpoint": str(run.out / "best.pt"),
+        "sanity": found.sanity, "overfit_guard": state.stopped or {"triggered": False},
+        "fingerprint": config.fingerprint_id(run.fingerprint),
+    }
+    if warning:
+        metrics["warnings"] = [warning]
+    if run.ranks.enabled:
+        metrics["processes"] = run.ranks.world
+    if run.ranks.is_main:
+        write_report(run, metrics)
+    return metrics
 
 
-def restore_rng(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def training_attack_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The training attack's hyper-parameters as plain data (its name is recorded beside them)."""
+    return {k: v for k, v in config.plain(cfg.attack).items() if not k.startswith("_") and k != "name"}
 
 
-def find_resume_point(cfg: DictConfig, ckpt_path: Path) -> Path | None:
-    """The checkpoint to continue from: ``resume=PATH``; with ``resume=auto`` the run directory's own
-    checkpoint.pt if there is one (running a command again continues it); ``resume=never``: none."""
-    choice = cfg.resume
-    if choice in (None, False, "never"):
+def write_report(run: Run, metrics: dict[str, Any]) -> None:
+    """metrics.json, training_curves.png and the printed table (rank 0)."""
+    out, s = run.out, run.choices.settings
+    report.write_json(out / "metrics.json", metrics)
+    if metrics["history"]:
+        report.plot_training_curves(out / "training_curves.png", metrics["history"],
+                                    title=f"{metrics['model']} on {metrics['dataset']}, {metrics['attack']} training, "
+                                          f"eps={s.eps_text}")
+    print(results_text(metrics, s) + f"; wrote {out / 'metrics.json'}"
+          + (f" and {out / 'training_curves.png'}" if metrics["history"] else ""))
+
+
+def results_text(metrics: dict[str, Any], s: config.RunSettings) -> str:
+    how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
+    sanity = f"{report.sanity_table(metrics['sanity'])}\n" if metrics.get("sanity") else ""
+    return (f"\n{metrics['dataset']} / {metrics['model']}, trained with {how} for {metrics['epochs_trained']} epoch(s); "
+            f"test set ({metrics['num_test']} examples):\n{report.results_table(metrics['test'], eps=s.eps, norm=s.norm)}"
+            f"\n{sanity}train {metrics['train_time_s']:.1f}s, eval {metrics['eval_time_s']:.1f}s")
+
+
+def finished_results(run: Run) -> dict[str, Any] | None:
+    """The results of this very run when it already finished here (same settings): shown again, not recomputed.
+
+    metrics.json is written anew (the same results), so that a re-run sweep counts it as this job's result.
+    """
+    path = run.out / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    if choice == "auto":
-        return ckpt_path if ckpt_path.is_file() else None
-    return Path(str(choice))
+    if metrics.get("fingerprint") != config.fingerprint_id(run.fingerprint):
+        return None
+    log.info("this run already finished in %s with the same settings: its results, not a new evaluation", run.out)
+    if run.ranks.is_main:
+        report.write_json(path, metrics)
+        print(results_text(metrics, run.choices.settings) + f"; results in {path}")
+    return metrics
 
 
-def check_resumable(payload: dict[str, Any], path: Path, spec: dict[str, Any], dataset: str) -> None:
-    """The checkpoint must be of the same model and data as this run."""
-    stored = payload.get("model_spec", {})
-    if stored != spec or payload.get("config", {}).get("dataset", {}).get("name") != dataset:
-        raise checkpoint.CheckpointError(
-            f"Cannot resume from {path}: it holds a {stored.get('name')} model for "
-            f"{payload.get('config', {}).get('dataset', {}).get('name')} "
-            f"({stored.get('num_classes')} classes, {stored.get('in_channels')}x{stored.get('image_size')}x"
-            f"{stored.get('image_size')}), but this run builds {spec['name']} for {dataset} ({spec['num_classes']} "
-            f"classes, {spec['in_channels']}x{spec['image_size']}x{spec['image_size']}). Use the same model and dataset, "
-            "another run directory (hydra.run.dir=...), or resume=never to start over in this one."
-        )
-
+# --- the command ---------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as ``cfg`` says, checkpoint every epoch, evaluate on the test set; returns metrics.json's dict."""
     started = time.perf_counter()
-    dataset = config.dataset_choice(cfg.dataset)
-    info = data.dataset_info(dataset.name, **dataset.options)
-    s = config.run_settings(cfg, dim=info.in_channels * info.image_size**2)  # every value checked before any work
-    config.check_training(cfg)
-    train_attack = hydra.utils.instantiate(cfg.attack)
-    objective = hydra.utils.instantiate(cfg.trainer, attack=train_attack)
-    attack_name = cfg.attack._target_.rsplit(".", 1)[-1]
-    if objective.extra_outputs and attack_name == "none":
-        raise ConfigError(f"trainer={trainer_name(cfg)} trains on the training attack's outputs, but attack=none makes "
-                          "none. Pick a training attack, e.g. attack=pgd or attack=fgsm attack.random_start=true.")
+    choices = check_settings(cfg)
     ranks = distributed.from_environment()
     device = distributed.start(ranks, runtime.resolve_device(cfg.device))
     try:
-        return _train(cfg, ranks, device, dataset, info, s, objective, started)
+        run = build_run(cfg, choices, ranks, device)
+        state = resume(run)
+        if state.done(cfg) and (results := finished_results(run)) is not None:
+            return results
+        fit(run, state)
+        return final_evaluation(run, state, started)
     finally:
         distributed.stop()
-
-
-def _train(cfg: DictConfig, ranks: distributed.Ranks, device: torch.device, dataset: config.DatasetChoice,
-           info: data.DatasetInfo, s: config.RunSettings, objective: Callable[..., Step],
-           started: float) -> dict[str, Any]:
-    attack_name = cfg.attack._target_.rsplit(".", 1)[-1]
-    main_rank = ranks.is_main
-    if not main_rank:  # one log, from rank 0
-        logging.getLogger().setLevel(logging.WARNING)
-    out = distributed.same_on_all_ranks(output_dir(cfg) if main_rank else None)
-    amp_dtype = runtime.resolve_amp(cfg.amp, device)
-    eval_amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
-    log.info("device %s, %s, eps %s (%s), run directory %s%s", device, runtime.describe_precision(amp_dtype),
-             config.format_eps(s.eps), s.norm, out, f", {ranks.world} processes" if ranks.enabled else "")
-    runtime.seed_everything(cfg.seed)
-
-    train_full = data.load_split(dataset.name, "train", root=s.data_root, download=cfg.data.download, **dataset.options)
-    test_set = data.load_split(dataset.name, "test", root=s.data_root, download=cfg.data.download, **dataset.options)
-    # the robust check each epoch uses a held-out slice of the training split, never the test set
-    n_val = min(int(cfg.data.val_size), len(train_full) // 10)
-    train_set = train_full.subset(slice(0, len(train_full) - n_val))
-    val_set = train_full.subset(slice(len(train_full) - n_val, len(train_full)))
-    if cfg.data.train_size is not None:
-        train_set = train_set.subset(slice(0, int(cfg.data.train_size)))
-    if s.num_test is not None:
-        test_set = test_set.subset(slice(0, s.num_test))
-    train_set, val_set, test_set = train_set.to(device), val_set.to(device), test_set.to(device)
-    model_options = OmegaConf.to_container(cfg.model, resolve=True)
-    model_name = model_options.pop("name")
-
-    spec = checkpoint.model_spec(model_name, model_options, in_channels=info.in_channels,
-                                 image_size=info.image_size, num_classes=info.num_classes, mean=info.mean, std=info.std,
-                                 adversarial_class=bool(objective.extra_outputs))
-    model = checkpoint.build_from_spec(spec)  # the same seed on every rank; DDP also broadcasts rank 0's weights
-    model, channels_last = prepare_model(model, device, cfg.channels_last)
-    net = distributed.wrap(torch.compile(model) if cfg.compile else model, ranks, device)
-    if ranks.enabled:  # the ranks' attacks draw different random starts
-        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
-
-    optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
-    steps_per_epoch = data.num_batches(len(train_set), cfg.batch_size, drop_last=False)
-    scheduler = lr_schedule(cfg.lr_schedule, optimizer, total_steps=cfg.epochs * steps_per_epoch,
-                            peak=float(cfg.lr_peak))
-    warmup_steps = round(float(cfg.eps_warmup) * steps_per_epoch)
-    scaler = runtime.grad_scaler(device, amp_dtype)
-    val_attacks = {"clean": attacks.none, "pgd": hydra.utils.instantiate(cfg.validation.attack)}
-    if spec["adversarial_class"]:  # the flag counts as a defence only against an attack that tries to avoid it
-        val_attacks["pgd_adaptive"] = functools.partial(val_attacks["pgd"], loss="rejection_margin")
-    if cfg.attack_mode == "eval" and uses_batchnorm(model):
-        log.info("the training attack runs with BatchNorm in eval mode (attack_mode=eval)")
-
-    ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
-    history: list[dict[str, Any]] = []
-    start_epoch, partial, best_score, stopped = 0, None, -math.inf, None
-    resume_path = find_resume_point(cfg, ckpt_path)
-    if resume_path is not None:
-        payload = checkpoint.load(resume_path)
-        check_resumable(payload, resume_path, spec, dataset.name)
-        try:
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
-            scaler.load_state_dict(payload["scaler"])
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise checkpoint.CheckpointError(
-                f"Cannot resume from {resume_path}: its training state does not fit this run "
-                f"({type(error).__name__}: {' '.join(str(error).split())[:200]}). Use the optimizer it was trained "
-                "with, or resume=never to start over."
-            ) from None
-        start_epoch, history = payload["epoch"], list(payload["history"])
-        best_score, stopped = payload.get("best_score", -math.inf), payload.get("stopped")
-        if payload.get("partial"):
-            partial = EpochProgress(**{"judged": payload["partial"]["seen"], **payload["partial"]})
-        restore_rng(payload["rng"])
-        where = f"epoch {start_epoch + 1}, batch {partial.batches}" if partial else f"the end of epoch {start_epoch}"
-        log.info("resuming from %s at %s", resume_path, where)
-
-    def snapshot(epoch_done: int, progress: EpochProgress | None = None) -> dict[str, Any]:
-        return {"model": model.state_dict(), "model_spec": spec, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                "partial": progress.to_plain() if progress else None, "rng": capture_rng(), "history": history,
-                "best_score": best_score, "stopped": stopped, "config": OmegaConf.to_container(cfg, resolve=True)}
-
-    def save(path: Path, payload: dict[str, Any]) -> None:
-        if main_rank:  # one writer; the others wait, so that a rollback reads a finished file
-            checkpoint.save(path, payload)
-        distributed.barrier()
-
-    polls = itertools.count(1)
-
-    def stop_requested(now: bool = False) -> bool:
-        """Whether SIGINT/SIGTERM asked to stop. Under torchrun every rank must stop after the same batch, so the
-        ranks agree (a collective, and on CUDA a host sync) every `log_every` batches, and whenever ``now``."""
-        if not ranks.enabled:
-            return stop()
-        return (now or next(polls) % cfg.log_every == 0) and distributed.any_rank(stop(), device)
-
-    train_time = sum(entry["time_s"] for entry in history)
-    with StopRequests() as stop:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            if stopped and cfg.overfit_guard.action in ("rollback", "stop"):
-                break
-            epoch_start = time.perf_counter()
-            order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # an epoch's order depends on (seed, epoch)
-            loader = data.batches(train_set, cfg.batch_size, shuffle=True, generator=order, shard=ranks.shard,
-                                  crop_padding=dataset.crop_padding, flip=dataset.flip, channels_last=channels_last)
-            if partial is not None:  # replay the generator's draws for the batches already done
-                loader = itertools.islice(loader, partial.batches, None)
-            model.train()
-            entry: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-            done = train_epoch(net, loader, objective, eps=s.eps, optimizer=optimizer, scheduler=scheduler,
-                               warmup_steps=warmup_steps, steps_done=(epoch - 1) * steps_per_epoch,
-                               progress_state=partial, should_stop=stop_requested, scaler=scaler, amp_dtype=amp_dtype,
-                               global_batch_size=lambda k: min(cfg.batch_size, len(train_set) - (k - 1) * cfg.batch_size),
-                               attack_mode=cfg.attack_mode, epoch=epoch, total=steps_per_epoch,
-                               progress=cfg.progress and main_rank, log_every=cfg.log_every)
-            partial = None
-            done.time_s += time.perf_counter() - epoch_start
-            if not done.finished:
-                save(ckpt_path, snapshot(epoch - 1, done))
-                signum = stop.signum or signal.SIGTERM  # a rank that got no signal stops because another did
-                name = signal.Signals(signum).name
-                raise Interrupted(
-                    f"{name} stopped the run in epoch {epoch} after batch {done.batches} of {steps_per_epoch}; its state "
-                    f"is saved in {ckpt_path}. Run the same command again with hydra.run.dir={out} to continue "
-                    f"where it stopped (or resume={ckpt_path}).", signum)
-            entry.update(train_loss=done.loss_sum / max(done.seen, 1), train_acc=done.correct / max(done.judged, 1),
-                         time_s=done.time_s)
-            train_time += entry["time_s"]
-            if len(val_set):
-                val = evaluate(model, data.batches(val_set.subset(data.share(len(val_set), ranks.shard)),
-                                                   s.eval_batch_size, channels_last=channels_last),
-                               val_attacks, eps=s.eps, amp_dtype=amp_dtype, gather=ranks.enabled,
-                               adversarial_class=spec["adversarial_class"])
-                entry.update(val_clean_acc=val["clean"]["acc"], val_pgd_acc=val["pgd"]["acc"])
-                if spec["adversarial_class"]:  # what the guard and best.pt watch: PGD accuracy with rejection,
-                    # the worst of blind and adaptive PGD
-                    entry.update(val_pgd_acc=val["any_attack"]["acc_with_rejection"],
-                                 val_false_flags=val["clean"]["flagged"])
-            history.append(entry)
-            log.info(report.epoch_line(entry, cfg.epochs))
-            score = entry.get("val_pgd_acc", entry["train_acc"])
-            is_best = score >= best_score
-            best_score = max(score, best_score)
-            save(ckpt_path, snapshot(epoch))
-            if is_best:
-                save(best_path, snapshot(epoch))
-            collapse = overfitting(history, cfg.overfit_guard)
-            if collapse:
-                stopped = collapse
-                if cfg.overfit_guard.action in ("rollback", "stop"):
-                    if cfg.overfit_guard.action == "rollback":
-                        model.load_state_dict(checkpoint.load(best_path)["model"])
-                    save(ckpt_path, snapshot(epoch))  # a rerun sees `stopped` and only evaluates
-                    break
-            if stop_requested(now=True):  # the signal came during validation or saving: the epoch is complete and saved
-                signum = stop.signum or signal.SIGTERM
-                raise Interrupted(f"{signal.Signals(signum).name} stopped the run after epoch {epoch}; it is saved "
-                                  f"in {ckpt_path}. Run the same command again to continue.", signum)
-
-    warning = never_robust(history, attack_name, adversarial_class=spec["adversarial_class"])
-    eval_start = time.perf_counter()
-    found = evaluate_model(model, test_set, evaluation_attack_configs(cfg.evaluation, spec),
-                           adversarial_class=spec["adversarial_class"],
-                           eps_values=[(s.eps, s.eps_text)], norm=s.norm,
-                           batch_size=s.eval_batch_size, channels_last=channels_last, amp_dtype=eval_amp_dtype,
-                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress and main_rank, desc="test",
-                           ranks=ranks)
-    results = found.results
-    metrics = {
-        "command": "train", "dataset": dataset.name, "model": model_name, "trainer": trainer_name(cfg),
-        "attack": attack_name, "eps": s.eps, "eps_text": s.eps_text,
-        "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs, "seed": cfg.seed,
-        "num_train": len(train_set), "num_test": len(test_set), "test": results, "history": history,
-        "train_time_s": train_time, "eval_time_s": time.perf_counter() - eval_start,
-        "wall_time_s": time.perf_counter() - started, "device": str(device),
-        "precision": runtime.describe_precision(amp_dtype), "torch": torch.__version__,
-        "checkpoint": str(ckpt_path), "best_checkpoint": str(best_path), "sanity": found.sanity,
-        "overfit_guard": stopped or {"triggered": False},
-    }
-    if warning:
-        metrics["warnings"] = [warning]
-    if ranks.enabled:
-        metrics["processes"] = ranks.world
-    if not main_rank:
-        return metrics
-    report.write_json(out / "metrics.json", metrics)
-    if history:
-        report.plot_training_curves(out / "training_curves.png", history,
-                                    title=f"{model_name} on {dataset.name}, {metrics['attack']} training, eps={s.eps_text}")
-    how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
-    print(f"\n{dataset.name} / {model_name}, trained with {how} for {cfg.epochs} epoch(s); "
-          f"test set ({len(test_set)} examples):\n{report.results_table(results, eps=s.eps, norm=s.norm)}\n"
-          + (f"{report.sanity_table(found.sanity)}\n" if found.sanity else "") +
-          f"train {train_time:.1f}s, eval {metrics['eval_time_s']:.1f}s; wrote {out / 'metrics.json'}"
-          + (f" and {out / 'training_curves.png'}" if history else ""))
-    return metrics
-
-
-def trainer_name(cfg: DictConfig) -> str:
-    """The ``trainer=`` choice (standard, trades, adv_class), also where Hydra did not compose the config."""
-    names = {"MinMax": "standard", "Trades": "trades", "AdversarialClass": "adv_class"}
-    target = cfg.trainer._target_.rsplit(".", 1)[-1] if "trainer" in cfg else "MinMax"
-    return names.get(target, target)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="train")

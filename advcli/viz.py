@@ -31,7 +31,6 @@ from torch import nn
 from advcli import attacks, checkpoint, config, data, runtime
 from advcli.checkpoint import atomic_write
 from advcli.errors import ConfigError, run_guarded
-from advcli.evaluate import output_dir
 
 
 # --- what the pictures show -----------------------------------------------------------------------
@@ -250,11 +249,7 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
                 f"({spec['in_channels']}x{spec['image_size']}x{spec['image_size']}, {spec['num_classes']} classes vs "
                 f"{other['in_channels']}x{other['image_size']}x{other['image_size']}, {other['num_classes']}); "
                 "compare checkpoints trained on the same dataset.")
-        label = f"{payload['config']['attack']['_target_'].rsplit('.', 1)[-1]}-trained"  # e.g. "pgd-trained"
-        objective = payload["config"].get("trainer", {}).get("_target_", "MinMax").rsplit(".", 1)[-1]
-        if objective != "MinMax":  # e.g. "adv_class (pgd)"
-            label = {"Trades": "trades", "AdversarialClass": "adv_class"}.get(objective, objective)
-            label = f"{label} ({payload['config']['attack']['_target_'].rsplit('.', 1)[-1]})"
+        label = config.training_label(payload["config"])  # e.g. "pgd-trained", "adv_class (pgd)"
         if label in models:
             label = f"{label} ({key})"
         models[label] = checkpoint.rebuild_model(payload, paths[key]).to(device).eval()
@@ -262,7 +257,7 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     images = data.load_split(dataset.name, "test", root=config.data_root(cfg.data.root), download=cfg.data.download,
                              **dataset.options)
     images = images.subset(slice(0, max(cfg.num_images, cfg.loss_examples))).to(device)
-    out = output_dir(cfg)
+    out = config.output_dir(cfg)
     arrays = draw_pictures(models, images, eps=eps, norm=norm, out=out, num_images=cfg.num_images,
                            large_eps=large_eps,
                            loss_examples=cfg.loss_examples, pgd_steps=cfg.pgd_steps, restarts=cfg.restarts,

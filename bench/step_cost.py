@@ -20,9 +20,9 @@ import torch
 from common import describe_machine, mnist, timed
 
 from advcli import attacks, data, runtime  # noqa: E402
-from advcli.evaluate import prepare_model  # noqa: E402
+from advcli.runtime import prepare_model  # noqa: E402
 from advcli.models import build_model  # noqa: E402
-from advcli.train import lr_schedule, train_epoch  # noqa: E402
+from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
 from advcli.objectives import MinMax
 
 VARIANTS = {  # name: (amp, channels_last)
@@ -42,16 +42,15 @@ class Trainer:
         self.model, self.channels_last = prepare_model(model, device, channels_last)
         self.amp_dtype = runtime.resolve_amp(amp, device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.scheduler = lr_schedule("constant", self.optimizer, total_steps=1)
-        self.scaler = runtime.grad_scaler(device, self.amp_dtype)
+        self.opt = Optimisation(self.optimizer, lr_schedule("constant", self.optimizer, total_steps=1),
+                                runtime.grad_scaler(device, self.amp_dtype), self.amp_dtype)
         self.images, self.batch_size, self.eps = images.to(device), batch_size, eps
 
     def seconds_per_step(self, attack, batches: int) -> float:
         loader = data.batches(self.images.subset(slice(0, batches * self.batch_size)), self.batch_size,
                               channels_last=self.channels_last)
-        _, seconds = timed(train_epoch, self.model, loader, MinMax(attack), eps=self.eps, optimizer=self.optimizer,
-                           scheduler=self.scheduler, scaler=self.scaler, amp_dtype=self.amp_dtype, progress=False,
-                           log_every=10**9)
+        _, seconds = timed(train_epoch, self.model, loader, MinMax(attack), self.opt,
+                           EpochPlan(eps=self.eps, progress_bar=False, log_every=10**9))
         return seconds / batches
 
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from common import describe_machine, mnist
 
 from advcli import attacks, data, runtime  # noqa: E402
-from advcli.evaluate import prepare_model  # noqa: E402
+from advcli.runtime import prepare_model  # noqa: E402
 from advcli.models import build_model  # noqa: E402
-from advcli.train import lr_schedule, train_epoch  # noqa: E402
+from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
 from advcli.objectives import MinMax
 
 EPS, STEPS, BATCH = 0.1, 7, 128
@@ -115,16 +115,15 @@ class Advcli:
         self.model, use_cl = prepare_model(fresh_model(device), device, channels_last)
         self.amp_dtype = runtime.resolve_amp(amp, device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.scheduler = lr_schedule("constant", self.optimizer, total_steps=1)
-        self.scaler = runtime.grad_scaler(device, self.amp_dtype)
+        self.opt = Optimisation(self.optimizer, lr_schedule("constant", self.optimizer, total_steps=1),
+                                runtime.grad_scaler(device, self.amp_dtype), self.amp_dtype)
         self.loader = data.batches(images, BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
                                    channels_last=use_cl)
 
     def run(self, n: int) -> None:
         train_epoch(self.model, itertools.islice(self.loader, n),
-                    MinMax(lambda m, x, y, e: attacks.pgd(m, x, y, e, alpha=ALPHA, steps=STEPS)), eps=EPS,
-                    optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, amp_dtype=self.amp_dtype,
-                    progress=False, log_every=10**9)
+                    MinMax(lambda m, x, y, e: attacks.pgd(m, x, y, e, alpha=ALPHA, steps=STEPS)), self.opt,
+                    EpochPlan(eps=EPS, progress_bar=False, log_every=10**9))
 
 
 def accuracy(model, test: data.ImageSet) -> tuple[float, float]:

@@ -227,3 +227,36 @@ def test_dlr_loss_is_scale_invariant_and_positive_once_misclassified():
     logits, y = torch.randn(64, 5, generator=g), torch.randint(0, 5, (64,), generator=g)
     assert torch.allclose(attacks.dlr(logits, y), attacks.dlr(7 * logits, y), atol=1e-5)
     assert torch.equal(attacks.dlr(logits, y) > 0, logits.argmax(1) != y)
+
+
+def test_fp16_input_gradients_of_a_confident_model_do_not_underflow():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        model[1].weight.mul_(40.0)  # p(y) within ~1e-12 of 1: the loss gradient at the logits is below fp16's range
+        y = model(x).argmax(dim=1)
+    exact = input_gradient(model, x, y, torch.zeros_like(x))
+    assert (exact.flatten(1).abs().sum(dim=1) > 0).all()
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = input_gradient(model, x, y, torch.zeros_like(x))
+    assert (half.flatten(1).abs().sum(dim=1) > 0).all(), "the fp16 gradient underflowed to zero"
+    agree = (half.sign() == exact.sign()).float().mean()
+    assert agree > 0.99  # the direction an attack step takes is the fp32 one
+    with torch.autocast("cpu", dtype=torch.float16):
+        x_adv = pgd(model, x, y, 0.3, steps=5)
+    assert (x_adv - x).abs().amax() > 0.1  # and the attack moves
+
+
+def test_fgsm_restarts_keep_the_highest_loss_start(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    torch.manual_seed(5)
+    best = fgsm(tiny_model, x, y, 0.1, random_start=True, restarts=3)
+    torch.manual_seed(5)
+    singles = [fgsm(tiny_model, x, y, 0.1, random_start=True) for _ in range(3)]
+    with torch.no_grad():
+        loss = F.cross_entropy(tiny_model(best), y, reduction="none")
+        losses = torch.stack([F.cross_entropy(tiny_model(s), y, reduction="none") for s in singles])
+    torch.testing.assert_close(loss, losses.max(dim=0).values)
+    with pytest.raises(ValueError, match="random_start"):
+        fgsm(tiny_model, x, y, 0.1, restarts=3)

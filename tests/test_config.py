@@ -106,3 +106,52 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     assert runtime.resolve_device("auto").type == "cpu"
     with pytest.raises(ConfigError):
         runtime.resolve_device("tpu")
+
+
+def advcli_train(*args: str, run_dir) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    return subprocess.run(["advcli", "train", "dataset=synthetic", "model=mlp", "device=cpu", "progress=false",
+                           *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["attack=fgsm", "restarts=3"], "attack.random_start=true"),          # restarts that would never happen
+    (["attack=autoattack"], "evaluation attack"),                          # not a training attack
+    (["attack.loss=dlr", "dataset.num_classes=2"], "at least 3 classes"),  # DLR would crash mid-run
+    (["norm=l2", "attack.norm=linf", "eps=2"], "One run has one threat model"),
+    (["trainer=trades", "attack=none"], "standard training under another name"),
+    (["+attack.stepz=3"], "attack.stepz is not a setting of pgd"),
+    (["+attack@evaluation.attacks.aa=autoattack", "dataset.num_classes=3"], "at least 4 classes"),
+])
+def test_settings_that_cannot_do_what_they_say_are_refused_before_any_work(tmp_path, overrides, fragment):
+    result = advcli_train(*overrides, run_dir=tmp_path / "run")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
+    assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_fgsm_restarts_with_a_random_start_are_allowed_and_recorded():
+    cfg = compose_config("train", ["attack=fgsm", "attack.random_start=true", "restarts=3"])
+    config.check_attack("attack", cfg.attack)
+    assert config.instantiate("attack", cfg.attack).keywords["restarts"] == 3
+
+
+def test_names_come_from_the_config_choice():
+    cfg = compose_config("train", ["attack=pgd_margin", "trainer=trades"])
+    assert config.choice_name(cfg.attack, "attack") == "pgd_margin" and config.attack_kind(cfg.attack) == "pgd"
+    assert config.choice_name(cfg.trainer, "trainer") == "trades"
+    assert config.training_label(config.plain(cfg)) == "trades (pgd_margin)"
+
+
+def test_the_fingerprint_leaves_out_process_settings_and_normalises_eps():
+    a = config.fingerprint(compose_config("train", ["eps=8/255", "device=cpu", "progress=false"]), precision="fp32")
+    b = config.fingerprint(compose_config("train", ["eps=0.03137254901960784", "log_every=5"]), precision="fp32")
+    assert a == b and config.fingerprint_id(a) == config.fingerprint_id(b)
+    c = config.fingerprint(compose_config("train", ["eps=8/255", "attack.steps=7"]), precision="fp32")
+    assert config.fingerprint_changes(a, c) == [("attack.steps", 10, 7)]
+    assert not any(key.startswith(("device", "progress", "data.root")) for key in a)

@@ -125,3 +125,29 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint_and_the_run_r
     assert "resuming from" in again.stdout + again.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert [entry["epoch"] for entry in metrics["history"]] == [1, 2, 3, 4]
+
+
+def test_two_gloo_ranks_resumed_mid_run_draw_their_own_random_starts_and_end_as_an_unbroken_run(tmp_path):
+    # PGD from random starts on both ranks; the second run stops after epoch 1 and is resumed with more epochs
+    common = ["dataset=synthetic", "dataset.num_train=300", "model=mlp", "attack=pgd", "attack.steps=2", "eps=0.1",
+              "eps_warmup=0", "batch_size=64", "amp=off", "device=cpu", "progress=false", "data.val_size=30",
+              "evaluation.num_examples=100", "evaluation.sanity.enabled=false", "seed=3"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "advcli.train"]
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    run([*torchrun, *common, "epochs=2", f"output_dir={unbroken}"], tmp_path)
+    run([*torchrun, *common, "epochs=1", f"output_dir={resumed}"], tmp_path)
+    after_one = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    states = [rank["torch"] for rank in after_one["rng"]]
+    assert len(states) == 2 and not torch.equal(states[0], states[1])  # each rank's own generator is saved
+    again = run([*torchrun, *common, "epochs=2", f"output_dir={resumed}"], tmp_path)
+    assert "resuming from" in again.stdout + again.stderr
+
+    a = torch.load(unbroken / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    print("max |weight difference|, resumed vs unbroken:",
+          max((b["model"][k] - w).abs().max().item() for k, w in a["model"].items()))
+    for name, weight in a["model"].items():
+        torch.testing.assert_close(b["model"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    metrics_a, metrics_b = (json.loads((d / "metrics.json").read_text()) for d in (unbroken, resumed))
+    assert [e["train_loss"] for e in metrics_b["history"]] == pytest.approx([e["train_loss"] for e in metrics_a["history"]])

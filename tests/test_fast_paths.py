@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 
 import advcli.train as train_module
 from advcli import attacks, checkpoint, data
-from advcli.evaluate import prepare_model
+from advcli.runtime import prepare_model
 from advcli.models import build_model
-from advcli.train import lr_schedule, never_robust, overfitting, train, train_epoch
+from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch
+from advcli.train import never_robust, overfitting, train
 from advcli.objectives import MinMax
 from conftest import compose_config, tiny_overrides
 
@@ -76,9 +77,8 @@ def test_train_epoch_matches_a_plain_loop_in_fp32(tiny_batch):
 
     model, optimizer = model_and_opt()
     torch.manual_seed(2)
-    train_epoch(model, [(x, y)] * 3, MinMax(lambda m, a, b, e: attacks.pgd(m, a, b, e, steps=2)), eps=0.1,
-                optimizer=optimizer, scheduler=lr_schedule("constant", optimizer, total_steps=3),
-                scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype=None, progress=False)
+    train_epoch(model, [(x, y)] * 3, MinMax(lambda m, a, b, e: attacks.pgd(m, a, b, e, steps=2)),
+                Optimisation.fp32(optimizer), EpochPlan(eps=0.1, progress_bar=False))
     plain, plain_opt = model_and_opt()
     torch.manual_seed(2)
     for _ in range(3):

@@ -185,3 +185,59 @@ def test_viz_of_an_adv_class_checkpoint_marks_flags_and_targets_only_real_classe
     assert arrays["large_eps"]["adv_class"]["images"].shape[0] == 4  # towards the 4 classes, not the flag
     predicted = torch.cat([arrays["gallery"]["adv_class"][key] for key in ("pred_clean", "pred_fgsm", "pred_pgd")])
     assert predicted.max() <= 4 and (predicted == 4).any()  # the blind PGD lands on the flag
+
+
+def test_trades_first_attack_step_follows_the_kl_gradient_not_rounding_noise(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    eps = 0.1
+    with torch.no_grad():
+        clean = F.softmax(tiny_model(x), dim=1)
+    # at x itself the KL to the clean prediction is at its minimum: its gradient is rounding noise
+    at_zero = attacks.input_gradient(tiny_model, x, clean, torch.zeros_like(x), attacks.kl_divergence)
+    torch.manual_seed(0)
+    start = attacks.start_point(x, eps, "linf", random_start=False, start_std=0.001)
+    at_start = attacks.input_gradient(tiny_model, x, clean, start, attacks.kl_divergence)
+    assert at_zero.abs().max() < 1e-3 * at_start.abs().max()
+
+    # TRADES's attack (here FGSM, random_start=false in its config) starts from 0.001 * N(0, 1), as the reference
+    objective = objectives.Trades(attack=functools.partial(attacks.fgsm, random_start=False), beta=6.0)
+    seen = {}
+
+    def record(model, x_in, target, eps_in, **kwargs):
+        seen.update(kwargs)
+        return attacks.fgsm(model, x_in, target, eps_in, **kwargs)
+
+    objective.attack = record
+    torch.manual_seed(0)
+    objective(tiny_model, x, y, eps)
+    assert seen["start_std"] == 0.001 and seen["loss"] == "kl"
+    torch.manual_seed(0)
+    x_adv = attacks.fgsm(tiny_model, x, clean, eps, loss="kl", start_std=0.001)
+    corner = (x + eps * torch.randn_like(x).sign()).clamp(0, 1)
+    with torch.no_grad():
+        climbed = attacks.kl_divergence(tiny_model(x_adv), clean).mean()
+        random = attacks.kl_divergence(tiny_model(corner), clean).mean()
+    assert climbed > 3 * random  # one step up the KL, not along the sign of noise
+
+
+def test_trades_attacks_in_eval_mode_by_default_and_needs_a_training_attack(tmp_path):
+    from advcli.errors import ConfigError
+    from advcli.train import check_settings
+
+    assert check_settings(compose_config("train", tiny_overrides(tmp_path, "trainer=trades"))).attack_mode == "eval"
+    assert check_settings(compose_config("train", tiny_overrides(tmp_path))).attack_mode == "train"
+    explicit = compose_config("train", tiny_overrides(tmp_path, "trainer=trades", "attack_mode=train"))
+    assert check_settings(explicit).attack_mode == "train"
+    with pytest.raises(ConfigError, match="attack=none"):
+        train(compose_config("train", tiny_overrides(tmp_path, "trainer=trades", "attack=none")))
+
+
+def test_autoattack_against_an_adv_class_model_is_refused(adv_class_run, tmp_path):
+    from advcli.errors import ConfigError
+
+    run, _ = adv_class_run
+    cfg = compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "attack=autoattack", "device=cpu",
+                                  f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="not adaptive to the adversarial-input output"):
+        evaluate_checkpoint(cfg)
+    assert not (tmp_path / "metrics.json").exists()

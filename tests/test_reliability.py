@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import shutil
+
 from advcli import checkpoint
+from advcli import train as train_module
 from advcli.checkpoint import CheckpointError
-from advcli.train import TrainingDiverged, train
+from advcli.epoch import LrSchedule
+from advcli.errors import ConfigError, Interrupted, TrainingDiverged
+from advcli.train import train
 from conftest import REPO, compose_config, tiny_overrides
 
 # about a second per epoch on 2 CPU cores: long enough to be stopped in the middle of epoch 2
@@ -101,15 +106,105 @@ def test_best_checkpoint_holds_the_best_held_out_robust_epoch(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 3
 
 
-def test_rerunning_a_finished_run_only_re_evaluates(tmp_path):
+def test_rerunning_a_finished_run_shows_its_results_without_training_or_evaluating_again(tmp_path, monkeypatch):
     first = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2")))
     before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a finished run was evaluated again")
+
+    monkeypatch.setattr(train_module, "evaluate_model", no_evaluation)
+    monkeypatch.setattr(train_module, "train_epoch", no_evaluation)
     again = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2")))
-    assert again["history"] == first["history"]
-    assert {k: v["acc"] for k, v in again["test"].items()} == {k: v["acc"] for k, v in first["test"].items()}
+    assert again == json.loads(json.dumps(first))  # the stored results, as they are
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    monkeypatch.undo()
     fresh = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2", "resume=never", "seed=1")))
     assert fresh["history"] != first["history"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished")
+    train(compose_config("train", tiny_overrides(run, "epochs=2", "lr_schedule=cosine")))
+    return run
+
+
+@pytest.mark.parametrize("override,key", [
+    ("eps=0.2", "eps"), ("attack=fgsm", "attack.name"), ("attack=pgd_margin", "attack.loss"),
+    ("trainer=trades", "trainer.name"), ("lr=0.01", "lr"), ("lr_schedule=onecycle", "lr_schedule"),
+    ("norm=l2", "norm"), ("seed=1", "seed"), ("optimizer=sgd", "optimizer._target_"), ("amp=fp16", "amp"),
+    ("data.val_size=32", "data.val_size"), ("validation.attack.steps=3", "validation.attack.steps"),
+])
+def test_a_rerun_with_other_settings_in_the_same_directory_is_refused_naming_them(finished_run, tmp_path, override,
+                                                                                 key):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "metrics.json")}
+    with pytest.raises(CheckpointError) as error:
+        train(compose_config("train", tiny_overrides(run, "epochs=2", "lr_schedule=cosine", override)))
+    message = str(error.value)
+    assert f"{key}: " in message and "resume=never" in message and "another directory" in message
+    assert "\n" not in message
+    assert {name: (run / name).read_bytes() for name in before} == before  # nothing written under the new labels
+
+
+def test_the_refusal_is_one_paragraph_and_exit_status_2_from_the_shell(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    args = [a for a in tiny_overrides(run, "epochs=2", "lr_schedule=cosine", "eps=0.2") if not a.startswith("output_dir")]
+    result = advcli("train", *args, f"hydra.run.dir={run}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "eps: 0.1 -> 0.2" in errors[0], result.stderr
+
+
+def test_the_final_evaluations_settings_may_change_on_resume(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    again = train(compose_config("train", tiny_overrides(run, "epochs=2", "lr_schedule=cosine",
+                                                         "evaluation.num_examples=64")))
+    assert again["num_test"] == 64 and len(again["history"]) == 2  # re-evaluated, not retrained
+
+
+def test_more_epochs_after_a_schedule_that_reached_its_end_are_refused(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with pytest.raises(ConfigError, match="lr_schedule=cosine"):
+        train(compose_config("train", tiny_overrides(run, "epochs=4", "lr_schedule=cosine")))
+
+
+def test_more_epochs_on_resume_stretch_the_rest_of_the_schedule_without_a_jump(tmp_path, monkeypatch):
+    common = ["lr_schedule=onecycle", "lr=0.01"]
+    straight = train(compose_config("train", tiny_overrides(tmp_path / "straight", "epochs=4", *common)))
+    calls = []
+    real_validate = train_module.validate
+
+    def validate_then_sigint(run):  # a Ctrl-C during epoch 2's validation: the run stops with epoch 2 saved
+        found = real_validate(run)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return found
+
+    monkeypatch.setattr(train_module, "validate", validate_then_sigint)
+    with pytest.raises(Interrupted):
+        train(compose_config("train", tiny_overrides(tmp_path / "run", "epochs=4", *common)))
+    monkeypatch.undo()
+    longer = train(compose_config("train", tiny_overrides(tmp_path / "run", "epochs=6", *common)))
+
+    rates = [entry["lr"] for entry in longer["history"]]
+    assert rates[:2] == [entry["lr"] for entry in straight["history"]][:2]  # the same run up to the stop
+    payload = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    schedule = LrSchedule("onecycle", 1)
+    schedule.__dict__.update(payload["scheduler"]["lr_lambdas"][0])
+    steps_per_epoch = payload["scheduler"]["last_epoch"] // 6
+    stop = 2 * steps_per_epoch
+    factors = [schedule(step) for step in range(6 * steps_per_epoch + 1)]
+    original = LrSchedule("onecycle", 4 * steps_per_epoch)
+    steepest = max(abs(original(s + 1) - original(s)) for s in range(4 * steps_per_epoch))
+    assert factors[:stop + 1] == [original(s) for s in range(stop + 1)]  # unchanged up to the resume point
+    assert max(abs(b - a) for a, b in zip(factors, factors[1:])) <= steepest + 1e-12  # no jump anywhere
+    assert factors[-1] == 0.0 and rates[2] == pytest.approx(0.01 * factors[stop])  # still ends at zero
 
 
 def test_a_diverging_run_stops_naming_epoch_and_batch_and_keeps_the_last_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+from advcli import checkpoint
 from conftest import REPO
 
 TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "epochs=1", "device=cpu", "progress=false",
@@ -56,6 +57,7 @@ def test_a_sweep_ends_with_one_summary_row_per_job_holding_the_jobs_own_numbers(
     for row in rows:
         job = Path(row["dir"])
         assert job.parent == folder and row["status"] == "ok"
+        assert job.name == f"attack={row['attack']},eps={row['eps']}"  # named by its settings, not its number
         metrics = json.loads((job / "metrics.json").read_text())
         assert (job / "checkpoint.pt").is_file()
         assert (row["eps"], row["attack"]) == (metrics["eps_text"], metrics["attack"])
@@ -83,7 +85,7 @@ def test_summarize_rebuilds_the_same_summary(sweep, tmp_path):
     assert all(line in again.stdout for line in (folder / "summary.md").read_text().splitlines() if line.startswith("|"))
 
     # the same runs given one by one make the same rows
-    jobs = [str(folder / str(num)) for num in range(4)]
+    jobs = [row["dir"] for row in read_csv(folder / "summary.csv")]
     by_run = advcli("summarize", "--out", str(tmp_path / "runs"), *jobs)
     assert by_run.returncode == 0, by_run.stderr
     assert read_csv(tmp_path / "runs" / "summary.csv") == read_csv(folder / "summary.csv")
@@ -115,8 +117,8 @@ def test_failed_jobs_are_marked_and_do_not_stop_the_sweep(tmp_path):
 
     # the user's error is one paragraph; the bug keeps its traceback, in the job's log
     assert "eps=abc is not a number" in result.stderr and "the sweep goes on" in result.stderr
-    assert "Traceback" in (tmp_path / "2" / "train.log").read_text()
-    assert "Traceback" not in (tmp_path / "1" / "train.log").read_text()
+    assert "Traceback" in (Path(rows[2]["dir"]) / "train.log").read_text()
+    assert "Traceback" not in (Path(rows[1]["dir"]) / "train.log").read_text()
     summary = (tmp_path / "summary.md").read_text()
     assert "4 jobs, 1 ok, 3 failed" in summary and "Failed jobs:" in summary and "eps=abc" in summary
 
@@ -153,3 +155,49 @@ def test_summarize_help_and_a_path_without_runs(tmp_path):
     error_lines = [line for line in empty.stderr.splitlines() if line.startswith("advcli: error:")]
     assert len(error_lines) == 1 and "holds no runs" in error_lines[0] and str(tmp_path) in error_lines[0]
     assert advcli("summarize").returncode == 2
+
+
+def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Summary rows without what differs between two runs of the same sweep: times and the sweep folder."""
+    return [{k: (Path(v).name if k == "dir" else v) for k, v in row.items() if not k.endswith("time_s")}
+            for row in rows]
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_midway_and_run_again_trains_only_what_is_missing(tmp_path):
+    import signal
+    import time
+
+    args = ["train", "-m", "attack=pgd,pgd_margin,fgsm", *TINY, "epochs=2", "dataset.num_train=8192",
+            "log_every=1"]
+    straight = advcli(*args, f"hydra.sweep.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+
+    folder = tmp_path / "killed"
+    process = subprocess.Popen(["advcli", *args, f"hydra.sweep.dir={folder}"], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def second_job_in_epoch_2() -> bool:
+        unfinished = [job for job in folder.glob("*/checkpoint.pt") if not (job.parent / "metrics.json").exists()]
+        return any(folder.glob("*/metrics.json")) and any(checkpoint.load(p)["epoch"] == 1 for p in unfinished)
+
+    deadline = time.monotonic() + 240
+    while not second_job_in_epoch_2() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # the second job is in its second epoch: it stops with a checkpoint
+    log = process.communicate(timeout=240)[0]
+    assert process.returncode == 143 and "SIGTERM stopped the run" in log, log[-3000:]
+    finished = sum((job / "metrics.json").is_file() for job in folder.iterdir() if job.is_dir())
+    assert 1 <= finished < 3 and not (folder / "summary.csv").exists()
+
+    again = advcli(*args, f"hydra.sweep.dir={folder}")
+    assert again.returncode == 0, again.stderr
+    output = again.stdout + again.stderr
+    assert output.count("already finished") == finished  # finished jobs: their results, as they are
+    assert output.count("epoch 2/2") == 3 - finished     # the others trained (the stopped one resumed)
+    assert "resuming from" in output
+    rows = read_csv(folder / "summary.csv")
+    assert comparable(rows) == comparable(read_csv(tmp_path / "straight" / "summary.csv"))
+    assert [row["attack"] for row in rows] == ["pgd", "pgd_margin", "fgsm"]  # two PGD rows, told apart
+    assert sorted(Path(row["dir"]).name for row in rows) == ["attack=fgsm", "attack=pgd", "attack=pgd_margin"]

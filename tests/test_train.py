@@ -90,3 +90,47 @@ def test_checkpoint_holds_what_eval_needs_as_plain_data(tmp_path):
 def test_l2_threat_model_end_to_end(tmp_path):
     metrics = train(compose_config("train", tiny_overrides(tmp_path, "norm=l2", "eps=0.5")))
     assert metrics["norm"] == "l2" and metrics["test"]["pgd"]["norm"] == "l2"
+
+
+def test_the_evaluation_ending_training_and_advcli_eval_of_its_checkpoint_agree_exactly(tmp_path):
+    # training draws random numbers for an epoch and more; the final evaluation must not depend on them
+    metrics = train(compose_config("train", tiny_overrides(tmp_path / "run", "epochs=2", "restarts=2")))
+    evaluated = evaluate_checkpoint(compose_config("eval", [f"ckpt={tmp_path / 'run' / 'checkpoint.pt'}", "device=cpu",
+                                                            "progress=false", f"output_dir={tmp_path / 'eval'}"]))
+    assert evaluated["test"] == metrics["test"]  # every row: accuracy, loss, settings
+    assert evaluated["sanity"] == metrics["sanity"]
+    assert metrics["test"]["pgd"]["restarts"] == 2
+
+
+def test_the_run_is_labelled_with_the_attack_chosen_on_the_command_line(tmp_path, capsys):
+    metrics = train(compose_config("train", tiny_overrides(tmp_path, "attack=pgd_margin", "attack.steps=2")))
+    assert metrics["attack"] == "pgd_margin" and metrics["attack_settings"]["loss"] == "margin"
+    assert metrics["trainer"] == "standard" and metrics["epochs_trained"] == 1
+    assert "trained with pgd_margin for 1 epoch(s)" in capsys.readouterr().out
+
+
+def test_the_held_out_check_runs_in_the_evaluation_precision_whatever_the_training_precision(tmp_path, monkeypatch):
+    from advcli import attacks, data, runtime
+    from advcli import train as train_module
+    from advcli.evaluate import evaluate
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["amp_dtype"])
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    metrics = train(compose_config("train", tiny_overrides(tmp_path, "amp=bf16", "evaluation.sanity.enabled=false")))
+    assert metrics["precision"] == "bf16 autocast" and seen == [None]  # trained in bf16, checked in fp32
+
+    # and the recorded numbers are the fp32 ones: recomputed from the checkpoint with the same seed
+    model = checkpoint.rebuild_model(checkpoint.load(tmp_path / "checkpoint.pt"))
+    train_split = data.load_split("synthetic", "train", root=".")
+    n_val = min(64, len(train_split) // 10)  # data.val_size=64, at most a tenth of the split
+    held_out = train_split.subset(slice(len(train_split) - n_val, len(train_split)))
+    with runtime.seeded(0, torch.device("cpu")):
+        again = evaluate(model, data.batches(held_out, 500),
+                         {"clean": attacks.none, "pgd": lambda m, x, y, e: attacks.pgd(m, x, y, e, steps=10)}, eps=0.1)
+    assert metrics["history"][0]["val_pgd_acc"] == again["pgd"]["acc"]
+    assert metrics["history"][0]["val_clean_acc"] == again["clean"]["acc"]
