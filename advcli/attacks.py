@@ -22,21 +22,20 @@ Training and evaluation want different things from restarts. Training PGD keeps,
 restart with the highest loss. Evaluation PGD (``early_stop=True``) asks only "can this example be
 broken?": an example misclassified at any step keeps that point and is never attacked again, and
 restart r runs only on the examples no earlier restart broke, so R restarts cost about
-1 + (R - 1) x (robust fraction) single runs. `autoattack` wraps the reference AutoAttack (the optional
-``pyautoattack`` package); it is an evaluation attack.
+1 + (R - 1) x (robust fraction) single runs. AutoAttack, through the reference code, is in
+`advcli.autoattack`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcli.errors import ConfigError, UserError
 
 Attack = Callable[..., torch.Tensor]
 
@@ -139,9 +138,19 @@ def ascent_l2(grad: torch.Tensor) -> torch.Tensor:
     return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
 
 
+@dataclass(frozen=True)
+class ThreatModel:
+    """A norm ball S: the nearest point of S (``project``), a uniform sample of it (``sample``), and the
+    steepest-ascent direction of unit norm for a gradient (``ascent``)."""
+
+    project: Callable[[torch.Tensor, float], torch.Tensor]
+    sample: Callable[[torch.Tensor, float], torch.Tensor]
+    ascent: Callable[[torch.Tensor], torch.Tensor]
+
+
 THREAT_MODELS = {
-    "linf": (project_linf, random_linf, ascent_linf),
-    "l2": (project_l2, random_l2, ascent_l2),
+    "linf": ThreatModel(project=project_linf, sample=random_linf, ascent=ascent_linf),
+    "l2": ThreatModel(project=project_l2, sample=random_l2, ascent=ascent_l2),
 }
 
 
@@ -206,11 +215,11 @@ def start_point(x: torch.Tensor, eps: float, norm: str, *, random_start: bool, s
     """The first delta of an attack, inside the ball and the pixel box: uniform in the ball (``random_start``),
     small Gaussian noise of std ``start_std`` (TRADES starts from 0.001 * N(0, 1): at delta = 0 its KL loss has
     a zero gradient), or zero."""
-    project, random_init, _ = THREAT_MODELS[norm]
+    ball = THREAT_MODELS[norm]
     if random_start:
-        delta = random_init(x, eps)
+        delta = ball.sample(x, eps)
     elif start_std:
-        delta = project(start_std * torch.randn_like(x), eps)
+        delta = ball.project(start_std * torch.randn_like(x), eps)
     else:
         return torch.zeros_like(x)
     return (x + delta).clamp(0, 1) - x
@@ -276,7 +285,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
         return x.detach()
     if alpha is None:
         alpha = 2.5 * eps / steps
-    project, _, ascent = THREAT_MODELS[norm]
+    ball = THREAT_MODELS[norm]
     loss_fn = LOSSES[loss]
     if loss == "kl" and early_stop:
         raise ValueError("loss='kl' maximises a divergence from soft targets; early_stop needs labels")
@@ -296,7 +305,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
             delta = start_point(x, eps, norm, random_start=random_start, start_std=start_std)
             for _ in range(steps):
                 grad = input_gradient(model, x, y, delta, loss_fn)
-                delta = project(delta + alpha * ascent(grad), eps)
+                delta = ball.project(delta + alpha * ball.ascent(grad), eps)
                 delta = (x + delta).clamp(0, 1) - x  # stays in the ball: the box and ball are both convex around x
             if restarts == 1:
                 best_delta = delta
@@ -314,44 +323,48 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
 
 def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
                       restarts: int, random_start: bool, norm: str, loss: str) -> torch.Tensor:
-    """PGD with ``early_stop=True``: see `pgd`. Runs under no_grad except for each input gradient."""
-    project, _, ascent = THREAT_MODELS[norm]
-    loss_fn = LOSSES[loss]
+    """PGD with ``early_stop=True``: see `pgd`. Runs under no_grad except for each input gradient.
+
+    ``live`` holds the positions (in x) of the examples a restart still attacks: an example leaves it at the
+    step it breaks, and the next restart attacks only the examples no restart has broken.
+    """
+    ball, loss_fn = THREAT_MODELS[norm], LOSSES[loss]
     x_adv = x.clone()
     broken = torch.zeros_like(y, dtype=torch.bool)  # misclassified at some point of some restart
     best_loss = torch.full(y.shape, float("-inf"), device=x.device)  # of the unbroken examples' final points
-    todo = torch.arange(len(y), device=x.device)  # examples no restart has broken yet
     for _ in range(restarts):
-        if todo.numel() == 0:
+        live = (~broken).nonzero().squeeze(1)
+        if live.numel() == 0:
             break
-        x_r, y_r = take(x, todo), y[todo]
-        delta = start_point(x_r, eps, norm, random_start=random_start)
-        live = torch.arange(len(todo), device=x.device)  # rows of x_r still attacked in this restart
+        x_live, y_live = take(x, live), y[live]
+        delta = start_point(x_live, eps, norm, random_start=random_start)
         for step in range(steps + 1):
-            x_s, y_s, d_s = take(x_r, live), y_r[live], delta[live]
             if step < steps:
-                grad, logits = gradient_and_logits(model, x_s, y_s, d_s, loss_fn)
-            else:  # the final point of this restart: look, no step
-                logits = model(x_s + d_s)
-            hit = still_safe(logits, y_s, loss)
-            rows = todo[live]
-            if not hit.all():
-                x_adv[rows[~hit]] = (x_s + d_s)[~hit]
-                broken[rows[~hit]] = True
+                grad, logits = gradient_and_logits(model, x_live, y_live, delta, loss_fn)
+            else:  # the restart's final point: look, no step
+                logits = model(x_live + delta)
+            still_correct = still_safe(logits, y_live, loss)
+            newly_broken = live[~still_correct]
+            x_adv[newly_broken] = (x_live + delta)[~still_correct]
+            broken[newly_broken] = True
             if step == steps:
-                run_loss = loss_fn(logits[hit], y_s[hit])
-                kept, better = rows[hit], run_loss > best_loss[rows[hit]]
-                x_adv[kept[better]] = (x_s + d_s)[hit][better]
-                best_loss[kept[better]] = run_loss[better]
+                _keep_if_higher(x_adv, best_loss, live[still_correct], (x_live + delta)[still_correct],
+                                loss_fn(logits[still_correct], y_live[still_correct]))
                 break
-            live = live[hit]
+            live, x_live, y_live = live[still_correct], x_live[still_correct], y_live[still_correct]
             if live.numel() == 0:
                 break
-            x_s, d_s = x_s[hit], d_s[hit]
-            d_s = project(d_s + alpha * ascent(grad[hit]), eps)
-            delta[live] = (x_s + d_s).clamp(0, 1) - x_s  # the box and the ball are both convex around x
-        todo = todo[~broken[todo]]
+            delta = ball.project(delta[still_correct] + alpha * ball.ascent(grad[still_correct]), eps)
+            delta = (x_live + delta).clamp(0, 1) - x_live  # the box and the ball are both convex around x
     return x_adv
+
+
+def _keep_if_higher(x_adv: torch.Tensor, best_loss: torch.Tensor, rows: torch.Tensor, points: torch.Tensor,
+                    losses: torch.Tensor) -> None:
+    """Per example of ``rows``, keep the point whose final loss is the highest of the restarts so far."""
+    higher = losses > best_loss[rows]
+    x_adv[rows[higher]] = points[higher]
+    best_loss[rows[higher]] = losses[higher]
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
@@ -373,86 +386,3 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alph
         alpha = 1.25 * eps if random_start else eps
     return pgd(model, x, y, eps, alpha=alpha, steps=1, norm=norm, random_start=random_start, restarts=restarts,
                loss=loss, start_std=start_std)
-
-
-# --- AutoAttack, through the reference implementation -----------------------------------------
-
-class MissingExtra(UserError):
-    """An optional dependency (an ``advcli[...]`` extra) is not installed."""
-
-
-AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
-
-
-def require_autoattack() -> type:
-    """The ``AutoAttack`` class of the ``pyautoattack`` package, or a `MissingExtra` saying how to install it."""
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as error:
-        raise MissingExtra(
-            f"AutoAttack needs the optional package pyautoattack, which cannot be imported ({error}). Install "
-            "advcli's extra with: pip install 'advcli[autoattack]' (or pip install -e '.[autoattack]' in a "
-            "checkout), or leave attack=autoattack out; every other attack works without it."
-        ) from None
-    return AutoAttack
-
-
-def _square_l2_fits(h: int, w: int) -> bool:
-    """Whether the reference Square attack's L2 initialisation (a grid of s x s squares, s = h // 5, from an
-    offset (h - 5s) // 2) stays inside an h x w image; it indexes past the edge otherwise and crashes."""
-    s = h // 5
-    if s < 1:
-        return False
-    offset = (h - 5 * s) // 2
-    return offset + (h // s) * s <= h and offset + (w // s) * s <= w
-
-
-def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
-               version: str = "standard", seed: int = 0) -> torch.Tensor:
-    """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
-    diverse parameter-free attacks"), run by the authors' code (the ``pyautoattack`` package).
-
-    The standard version runs APGD-CE, APGD-T (targeted DLR), FAB-T and Square (5,000 queries) in turn,
-    each only on the examples the earlier ones left correctly classified. It is an evaluation attack:
-    call it with the model in eval mode. The targeted attacks use min(9, K - 1) target classes (9 in
-    the paper, where K >= 10), so a model needs K >= 4 classes.
-
-    Args:
-        model: (B, C, H, W) pixels in [0, 1] -> (B, K) logits. x: (B, C, H, W) in [0, 1]. y: (B,) int64.
-        eps: radius in pixel units. norm: "linf" or "l2". version: AutoAttack's "standard" (or "plus",
-            "rand"). seed: AutoAttack's seed; the caller's random generator state is restored after.
-
-    Returns:
-        x_adv: (B, C, H, W), detached, in [0, 1]; rows AutoAttack could not break are x itself.
-
-    Example:
-        >>> x_adv = autoattack(model.eval(), x, y, eps=8/255)
-    """
-    AutoAttack = require_autoattack()
-    if norm not in AUTOATTACK_NORMS:
-        raise ValueError(f"AutoAttack's norm must be one of {sorted(AUTOATTACK_NORMS)}, got {norm!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    x = x.detach()
-    if eps == 0 or len(y) == 0:
-        return x
-    with torch.no_grad():
-        num_classes = model(x[:1]).shape[1]
-    if num_classes < 4:
-        raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
-                          "evaluate it with the other attacks (leave attack=autoattack out).")
-    if norm == "l2" and not _square_l2_fits(x.shape[-2], x.shape[-1]):
-        raise ConfigError(
-            f"AutoAttack's L2 Square attack cannot handle {x.shape[-2]}x{x.shape[-1]} images: its initial grid of "
-            "squares runs past the image edge (a limitation of the reference code; 28x28 and 32x32 work). Use "
-            "norm=linf with attack=autoattack, or leave attack=autoattack out.")
-    logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its warnings (e.g. zero gradients) still show
-    adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version=version, seed=seed, device=x.device)
-    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
-    adversary.fab.n_target_classes = min(9, num_classes - 1)
-    cuda = [x.device] if x.device.type == "cuda" else []
-    # parameters frozen: FAB calls .backward(), which would otherwise fill the parameters' .grad;
-    # fork_rng: AutoAttack reseeds the global generators
-    with frozen_parameters(model), torch.random.fork_rng(devices=cuda):
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
-    return x_adv.detach()

@@ -27,14 +27,10 @@ import torch
 from torch import nn
 
 from advcli import config, models
-from advcli.errors import UserError
+from advcli.errors import CheckpointError, ConfigError
 
 FORMAT = "advcli-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(UserError):
-    """A checkpoint is missing, damaged, not advcli's, or does not fit the model or data."""
 
 
 def atomic_write(path: Path, write) -> None:
@@ -60,6 +56,8 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Load an advcli checkpoint as data, or raise a CheckpointError naming the file and the problem."""
+    if path is None:  # ckpt=null on the command line
+        raise CheckpointError("No checkpoint given: pass ckpt=PATH (a checkpoint.pt from a run directory).")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -154,6 +152,30 @@ def check_same_run(payload: dict[str, Any], path: str | Path, settings: dict[str
             f"train and report a run under settings it was not trained with. {ways_out}")
 
 
+def resume_point(choice: Any, ckpt_path: Path) -> Path | None:
+    """The checkpoint a run continues (``resume=``): ``PATH``; with ``auto`` the run directory's own checkpoint.pt
+    if there is one (running a command again continues it); with ``never`` none."""
+    if choice in (None, False, "never"):
+        return None
+    if choice == "auto":
+        return ckpt_path if ckpt_path.is_file() else None
+    return Path(str(choice))
+
+
+def check_new_length(payload: dict[str, Any], path: str | Path, *, epochs: int, lr_schedule: str) -> None:
+    """A resumed run may change its number of epochs, but not below what it trained, nor past a schedule's end."""
+    trained, planned = payload["epoch"], payload["fingerprint"]["epochs"]
+    if trained > epochs:
+        raise ConfigError(f"epochs={epochs}, but the run in {path} already trained {trained} epochs. Pass "
+                                 f"epochs={trained} or more to continue it, or resume=never to start over.")
+    if epochs > planned and trained == planned and lr_schedule != "constant":
+        raise ConfigError(
+            f"epochs={epochs}: the run in {path} finished its {planned} epochs, and its schedule "
+            f"(lr_schedule={lr_schedule}) has already brought the learning rate down to 0, so more epochs would "
+            f"train at lr 0. Start a new run with epochs={epochs} (resume=never, or another directory); a run "
+            "that is stopped before its end can be given more epochs.")
+
+
 def restore_training(payload: dict[str, Any], path: str | Path, *, model: nn.Module, optimizer, scheduler,
                      scaler) -> None:
     """Load a checkpoint's weights and optimiser, schedule and scaler states into this run's objects."""
@@ -181,3 +203,12 @@ def restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def restore_rank_rng(saved: list[dict[str, Any]], rank: int, world: int) -> bool:
+    """Each rank takes back its own generator states (``saved``: one per rank), so a resumed run draws what the
+    unbroken one would. False when the checkpoint was written by another number of processes."""
+    if len(saved) != world:
+        return False
+    restore_rng(saved[rank])
+    return True

@@ -117,7 +117,8 @@ def check_trainer(trainer_cfg: Any) -> None:
 
 
 def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """`value` if it is one of `choices`, else a ConfigError listing them."""
+    """`value` if it is one of `choices`, else a ConfigError listing them. (The one place where an unquoted
+    ``off``, which YAML 1.1 reads as false, becomes ``"off"`` again.)"""
     if value is False and "off" in choices:  # YAML 1.1 reads an unquoted `off` as false
         return "off"
     if value not in choices:
@@ -265,19 +266,41 @@ def data_root(value: Any) -> str:
 class RunSettings:
     """The checked, plain values a training or evaluation run needs from its config."""
 
-    eps: float
-    eps_text: str
+    eps_values: tuple[tuple[float, str], ...]  # (value, as typed), ascending; training has one
     norm: str
     restarts: int
     eval_batch_size: int
     num_test: int | None
     data_root: str
 
+    @property
+    def eps(self) -> float:
+        """The run's eps (for an evaluation over a list: the largest, whose results fill the table)."""
+        return self.eps_values[-1][0]
 
-def run_settings(cfg: Any, *, dim: int | None = None) -> RunSettings:
-    """Check the values shared by ``advcli train`` and ``advcli eval`` (eps, norm, restarts, sizes, attacks)."""
+    @property
+    def eps_text(self) -> str:
+        return self.eps_values[-1][1]
+
+
+def eps_values(value: Any, *, norm: str, dim: int | None, allow_list: bool) -> tuple[tuple[float, str], ...]:
+    """``eps`` as ``((value, as typed), ...)``, ascending and each value once: one eps, or for an evaluation a
+    list (``eps=[0,1/255,2/255]``, a robustness curve)."""
+    texts = [str(v) for v in value] if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [str(value)]
+    if not texts:
+        raise ConfigError("eps=[] is an empty list; give one eps (eps=8/255) or several (eps=0,2/255,4/255,8/255).")
+    if len(texts) > 1 and not allow_list:
+        raise ConfigError(f"eps={','.join(texts)}: a training run has one eps. Sweep over several with -m "
+                          f"(advcli train -m eps={','.join(texts)}), one run each.")
+    parsed = {parse_eps(text, norm=norm, dim=dim): text for text in texts}
+    return tuple(sorted(parsed.items()))
+
+
+def run_settings(cfg: Any, *, dim: int | None = None, allow_eps_list: bool = False) -> RunSettings:
+    """Check the values shared by ``advcli train`` and ``advcli eval`` (eps, norm, restarts, sizes, attacks);
+    every eps is parsed here, once."""
     norm = require_choice("norm", cfg.norm, NORMS)
-    eps = parse_eps(cfg.eps, norm=norm, dim=dim)
+    eps = eps_values(cfg.eps, norm=norm, dim=dim, allow_list=allow_eps_list)
     restarts = require_int("restarts", cfg.restarts, minimum=1, hint="restarts=1 runs each attack once.")
     eval_batch_size = require_int("evaluation.batch_size", cfg.evaluation.batch_size, minimum=1)
     num_test = cfg.evaluation.num_examples
@@ -287,8 +310,16 @@ def run_settings(cfg: Any, *, dim: int | None = None) -> RunSettings:
         check_attack(f"evaluation.attacks.{name}", attack_cfg)
     require_choice("evaluation.amp", cfg.evaluation.amp, AMP_MODES)
     require_int("evaluation.seed", cfg.evaluation.seed, minimum=0)
-    return RunSettings(eps=eps, eps_text=str(cfg.eps), norm=norm, restarts=restarts,
-                       eval_batch_size=eval_batch_size, num_test=num_test, data_root=data_root(cfg.data.root))
+    return RunSettings(eps_values=eps, norm=norm, restarts=restarts, eval_batch_size=eval_batch_size,
+                       num_test=num_test, data_root=data_root(cfg.data.root))
+
+
+def fill_from_training_run(cfg: Any, trained: Mapping[str, Any], keys: tuple[str, ...] = ("eps", "norm")) -> None:
+    """Set the ``keys`` left unset (null) in an ``advcli eval``/``viz`` config to the training run's values, so that
+    interpolations such as ``${eps}`` and ``${norm}`` in the attack configs resolve to them."""
+    for key in keys:
+        if cfg[key] is None:
+            cfg[key] = trained[key]
 
 
 def check_training(cfg: Any) -> None:
@@ -364,47 +395,3 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     missing = "<unset>"
     return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted({*old, *new})
             if old.get(key, missing) != new.get(key, missing)]
-
-
-def output_dir(cfg: Any) -> Path:
-    """The run directory: ``output_dir`` if set, else Hydra's; checked writable before work starts."""
-    from hydra.core.hydra_config import HydraConfig
-
-    folder = cfg.get("output_dir")
-    if folder is None:
-        folder = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "outputs/run"
-    return check_writable(Path(folder))
-
-
-def check_writable(folder: Path) -> Path:
-    """Create ``folder`` and prove a file can be written there, before hours of training depend on it."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".advcli-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(
-            f"The output directory {folder} cannot be written ({error.strerror or error}). Choose another with "
-            "hydra.run.dir=PATH (or output_dir=PATH), or fix its permissions."
-        ) from None
-    return folder
-
-
-def check_can_create(folder: str | Path, *, setting: str = "hydra.run.dir") -> None:
-    """Fail early if ``folder`` could not be created: its nearest existing ancestor must be a writable folder."""
-    path = Path(os.path.expanduser(str(folder))).absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is a file, not a folder"
-    elif not os.access(existing, os.W_OK):
-        problem = f"{existing} is not writable"
-    if problem:
-        raise ConfigError(
-            f"The output directory {path} cannot be written ({problem}). Choose another with {setting}=PATH, "
-            "or fix its permissions."
-        )

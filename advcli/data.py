@@ -32,14 +32,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from advcli.errors import UserError
+from advcli.errors import DataError, one_paragraph
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "test")
-
-
-class DataError(UserError):
-    """A dataset cannot be found, read or generated as asked; the message says why and how to fix it."""
 
 
 # =============================================================================================
@@ -245,11 +241,6 @@ def _expected_location(name: str, split: str, root: str) -> str:
     return os.path.join(root, tvd.SVHN.split_list[split][1])
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _load_torchvision(name: str, split: str, root: str, download: bool) -> ImageSet:
     from torchvision import datasets as tvd
 
@@ -279,7 +270,7 @@ def _load_torchvision(name: str, split: str, root: str, download: bool) -> Image
             labels = torch.from_numpy(ds.labels)
     except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
         pretty = _PRETTY[name]
-        reason = f"downloading it failed ({_one_line(err)})" if download else "downloading is turned off"
+        reason = f"downloading it failed ({one_paragraph(err, with_type=True, limit=300)})" if download else "downloading is turned off"
         raise DataError(
             f"Could not load the {pretty} {split} split from the data root {root}: torchvision found no "
             f"intact copy in {_expected_location(name, split, root)}, and {reason}. Fix: put the {pretty} "
@@ -335,11 +326,11 @@ def _make_synthetic(
 # =============================================================================================
 
 
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """How many batches `batches` yields for ``n`` examples: floor(n / b) with drop_last, else ceil."""
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches `batches` yields for ``n`` examples: ceil(n / b), the last one smaller."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return n // batch_size if drop_last else -(-n // batch_size)
+    return -(-n // batch_size)
 
 
 def batches(
@@ -350,7 +341,6 @@ def batches(
     generator: torch.Generator | None = None,
     crop_padding: int = 0,
     flip: bool = False,
-    drop_last: bool = False,
     channels_last: bool = False,
     shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -358,7 +348,7 @@ def batches(
 
     Args:
         data: the split; batches are made on ``data.images.device``.
-        batch_size: examples per batch; the last batch is smaller unless ``drop_last``.
+        batch_size: examples per batch; the last batch holds the rest.
         shuffle: visit examples in the order ``torch.randperm(N, generator=generator)`` (drawn on the
             generator's device, the CPU without one); otherwise in order 0..N-1.
         generator: source of the order and of all augmentation draws; seed it for a repeatable pass.
@@ -366,7 +356,6 @@ def batches(
         crop_padding: random translation of each image by up to this many pixels in each direction,
             filling with zeros -- the same as torchvision ``RandomCrop(size, padding=crop_padding)``.
         flip: mirror each image left-right with probability 0.5.
-        drop_last: skip the last batch when it is smaller than ``batch_size``.
         channels_last: return ``x`` in ``torch.channels_last`` memory format.
         shard: ``(rank, world)`` for data-parallel training: of each global batch of ``batch_size``
             this process gets its contiguous share (``torch.tensor_split`` sizes), with the same
@@ -375,7 +364,7 @@ def batches(
 
     Yields:
         (x, y): x float32 (B, C, H, W) in [0, 1] (exactly ``images.float() / 255`` without
-        augmentation), y int64 (B,). Every example appears exactly once per pass (bar ``drop_last``).
+        augmentation), y int64 (B,). Every example appears exactly once per pass.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -383,7 +372,7 @@ def batches(
         raise ValueError(f"crop_padding must be >= 0 pixels, got {crop_padding}")
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
-    return _batches(data, batch_size, shuffle, generator, crop_padding, flip, drop_last, channels_last, shard)
+    return _batches(data, batch_size, shuffle, generator, crop_padding, flip, channels_last, shard)
 
 
 def share(n: int, shard: tuple[int, int] | None) -> slice:
@@ -396,12 +385,12 @@ def share(n: int, shard: tuple[int, int] | None) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-def _batches(data, batch_size, shuffle, generator, crop_padding, flip, drop_last, channels_last, shard):
+def _batches(data, batch_size, shuffle, generator, crop_padding, flip, channels_last, shard):
     n = len(data)
     device = data.images.device
     rng_device = generator.device if generator is not None else torch.device("cpu")
     order = torch.randperm(n, generator=generator, device=rng_device).to(device) if shuffle else None
-    for k in range(num_batches(n, batch_size, drop_last)):
+    for k in range(num_batches(n, batch_size)):
         start = k * batch_size
         size = min(batch_size, n - start)
         keep = share(size, shard)

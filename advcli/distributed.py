@@ -14,10 +14,12 @@ no-op, so the training loop has one code path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -82,6 +84,16 @@ def start(ranks: Ranks, device: torch.device) -> torch.device:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
+    """This process's ranks and device (`start`) for the block; the process group is left after it."""
+    ranks = from_environment()
+    try:
+        yield ranks, start(ranks, device)
+    finally:
+        stop()
 
 
 def wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:

@@ -1,5 +1,5 @@
-"""Robustness evaluation: `evaluate(model, batches, attacks, eps)`, the robustness curve, the sanity
-report, and the ``advcli eval`` command.
+"""Robustness evaluation: `evaluate(model, batches, attacks, eps)`, `evaluate_model` (every eps of a curve, then
+the sanity report) and `evaluate_checkpoint` (what ``advcli eval`` runs: a checkpoint, its settings, a report).
 
 `evaluate` runs the model in eval mode (BatchNorm statistics frozen, weights never updated), attacks
 every batch with every attack of a dict, and returns per attack the accuracy and mean loss on the
@@ -21,25 +21,24 @@ default to the training run's values.
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
 from advcli import attacks as attacks_module
-from advcli import checkpoint, config, data, distributed, report, runtime, sanity
+from advcli import autoattack, checkpoint, config, data, distributed, paths, report, runtime, sanity
 from advcli.attacks import Attack
-from advcli.errors import ConfigError, run_guarded
+from advcli.errors import ConfigError
+
+SPLITS = ("train", "test")
 
 log = logging.getLogger(__name__)
 
@@ -109,72 +108,79 @@ def is_clean(attack: Attack) -> bool:
     return getattr(attack, "func", attack) is attacks_module.none
 
 
+@dataclass
+class _Parts:
+    """One pass's per-batch pieces, concatenated into `Outcomes` at the end."""
+
+    clean: list[torch.Tensor] = field(default_factory=list)
+    correct: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    loss: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    flagged: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    false_flags: list[torch.Tensor] = field(default_factory=list)
+    time_s: dict[str, float] = field(default_factory=dict)
+
+    def outcomes(self, device: torch.device, adversarial_class: bool) -> Outcomes:
+        def cat(pieces: list[torch.Tensor], dtype=torch.bool) -> torch.Tensor:
+            return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype, device=device)
+
+        return Outcomes(clean=cat(self.clean), correct={k: cat(v) for k, v in self.correct.items()},
+                        loss={k: cat(v, torch.float32) for k, v in self.loss.items()}, time_s=self.time_s,
+                        flagged={k: cat(v) for k, v in self.flagged.items()} if adversarial_class else {},
+                        false_flags=cat(self.false_flags) if adversarial_class else None)
+
+
+def _attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, eps: float,
+                  amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at ``attack``'s output for a batch the model classifies correctly, and the attack's seconds."""
+    started = time.perf_counter()
+    with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
+        logits = model(attack(model, x, y, eps))  # input gradients enable grad inside the attack
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)  # so the time is the attack's, not a later one's
+    return logits.float(), time.perf_counter() - started
+
+
 def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     attacks: Mapping[str, Attack], *, eps: float, amp_dtype: torch.dtype | None = None,
-                    progress: bool = False, desc: str = "eval", total: int | None = None,
                     adversarial_class: bool = False) -> Outcomes:
     """Attack every batch with every attack and keep the per-example results (see `Outcomes`).
 
     Examples the model misclassifies without attack count as broken by every attack and are not
-    attacked; the rest go to every attack. The model is put in eval mode for the pass and left in the
-    mode it came in, with its weights untouched. ``adversarial_class``: the model's last output means
-    "adversarial input"; record which inputs it flags.
+    attacked; the rest go to every attack. The model runs in eval mode and is left in the mode it came
+    in, with its weights untouched. ``adversarial_class``: the model's last output means "adversarial
+    input"; record which inputs it flags. (Wrap ``batches`` in tqdm for a progress bar.)
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    clean_parts: list[torch.Tensor] = []
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in attacks}
-    flag_parts: dict[str, list[torch.Tensor]] = {name: [] for name in attacks if not is_clean(attacks[name])}
-    false_flag_parts: list[torch.Tensor] = []
-    seconds = dict.fromkeys(attacks, 0.0)
-    try:
-        for x, y in tqdm(batches, desc=desc, total=total, leave=False, disable=not progress, dynamic_ncols=True):
-            with torch.no_grad(), runtime.autocast(device, amp_dtype):
-                logits = model(x)
-            predicted = logits.argmax(dim=1)
-            clean = predicted == y
-            if adversarial_class:
-                false_flag_parts.append(predicted == logits.shape[1] - 1)
-            clean_loss = F.cross_entropy(logits.float(), y, reduction="none")
-            todo = clean.nonzero().squeeze(1)  # attacks spend work only where the model is right
-            x_todo, y_todo = attacks_module.take(x, todo), y[todo]
-            clean_parts.append(clean)
+    parts = _Parts(correct={n: [] for n in attacks}, loss={n: [] for n in attacks}, time_s=dict.fromkeys(attacks, 0.0),
+                   flagged={n: [] for n in attacks if not is_clean(attacks[n])})
+    with runtime.eval_mode(model):
+        for x, y in batches:
+            with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
+                logits = model(x).float()
+            clean, clean_loss = logits.argmax(dim=1) == y, F.cross_entropy(logits, y, reduction="none")
+            parts.clean.append(clean)
+            parts.false_flags.append(logits.argmax(dim=1) == logits.shape[1] - 1)
+            right = clean.nonzero().squeeze(1)  # attacks spend work only where the model is right
+            x_right, y_right = attacks_module.take(x, right), y[right]
             for name, attack in attacks.items():
-                started = time.perf_counter()
-                hit, loss = clean, clean_loss
-                if not is_clean(attack):
-                    hit, loss, flagged = torch.zeros_like(clean), clean_loss.clone(), torch.zeros_like(clean)
-                if not is_clean(attack) and len(todo):
-                    with torch.no_grad(), runtime.autocast(device, amp_dtype):
-                        x_adv = attack(model, x_todo, y_todo, eps)  # input gradients enable grad inside
-                        logits = model(x_adv)
-                    predicted = logits.argmax(dim=1)
-                    hit[todo] = predicted == y_todo
-                    flagged[todo] = predicted == logits.shape[1] - 1
-                    loss[todo] = F.cross_entropy(logits.float(), y_todo, reduction="none")
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # so the time is the attack's, not a later one's
-                seconds[name] += time.perf_counter() - started
-                parts[name].append((hit, loss))
-                if name in flag_parts:
-                    flag_parts[name].append(flagged)
-    finally:
-        model.train(was_training)
-    empty = torch.zeros(0, dtype=torch.bool, device=device)
-    return Outcomes(
-        clean=torch.cat(clean_parts) if clean_parts else empty,
-        correct={name: torch.cat([h for h, _ in p]) if p else empty for name, p in parts.items()},
-        loss={name: torch.cat([l for _, l in p]) if p else empty.float() for name, p in parts.items()},
-        time_s=seconds,
-        flagged={name: torch.cat(p) if p else empty for name, p in flag_parts.items()} if adversarial_class else {},
-        false_flags=(torch.cat(false_flag_parts) if false_flag_parts else empty) if adversarial_class else None,
-    )
+                correct, loss, flagged = clean, clean_loss, torch.zeros_like(clean)
+                if not is_clean(attack) and len(right):
+                    attacked, seconds = _attack_batch(model, x_right, y_right, attack, eps, amp_dtype)
+                    correct, loss = torch.zeros_like(clean), clean_loss.clone()
+                    correct[right] = attacked.argmax(dim=1) == y_right
+                    flagged[right] = attacked.argmax(dim=1) == attacked.shape[1] - 1
+                    loss[right] = F.cross_entropy(attacked, y_right, reduction="none")
+                    parts.time_s[name] += seconds
+                elif not is_clean(attack):
+                    correct = torch.zeros_like(clean)
+                parts.correct[name].append(correct)
+                parts.loss[name].append(loss)
+                if name in parts.flagged:
+                    parts.flagged[name].append(flagged)
+    return parts.outcomes(next(model.parameters()).device, adversarial_class)
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], attacks: Mapping[str, Attack], *,
-             eps: float, amp_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "eval",
-             total: int | None = None, gather: bool = False,
+             eps: float, amp_dtype: torch.dtype | None = None, gather: bool = False,
              adversarial_class: bool = False) -> dict[str, dict[str, float]]:
     """Accuracy and loss of ``model`` under each attack (pixels in [0, 1], eps in pixel units).
 
@@ -184,8 +190,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     passed its own share of the examples; the results are over all of them. ``adversarial_class``: see
     `Outcomes.summary`.
     """
-    found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, progress=progress, desc=desc,
-                            total=total, adversarial_class=adversarial_class)
+    found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, adversarial_class=adversarial_class)
     return (found.gathered() if gather else found).summary()
 
 
@@ -199,13 +204,37 @@ def evaluation_attacks(attack_cfgs: Mapping[str, Any]) -> tuple[dict[str, Attack
         for key in ("_target_", "_partial_", "name"):
             plain.pop(key, None)
         if kind == "fgsm":
-            plain.update(steps=1, restarts=1)
+            plain.update(steps=1)
         if kind == "autoattack":
-            attacks_module.require_autoattack()  # a missing extra stops the run now, not after the other attacks
+            autoattack.require_autoattack()  # a missing extra stops the run now, not after the other attacks
         if "loss" in plain:  # the loss the attack maximises; "loss" in results is the measured loss
             plain["attack_loss"] = plain.pop("loss")
         described[name] = {"attack": kind, **plain}
     return attacks, described
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How `evaluate_model` runs: plain values, read from the config once (`eval_settings`)."""
+
+    eps_values: tuple[tuple[float, str], ...]  # (value, as typed), ascending
+    norm: str
+    batch_size: int = 500
+    channels_last: bool = False
+    amp_dtype: torch.dtype | None = None
+    seed: int = 0                              # the random starts' seed (each rank adds its rank)
+    sanity: Mapping[str, Any] | None = None    # evaluation.sanity; None (or enabled: false): no sanity report
+    adversarial_class: bool = False            # the model's last output means "adversarial input"
+    progress: bool = False
+    desc: str = "test"
+
+
+def eval_settings(evaluation_cfg: Any, s: config.RunSettings, *, amp_dtype: torch.dtype | None, channels_last: bool,
+                  adversarial_class: bool, progress: bool, desc: str = "test") -> EvalSettings:
+    """`EvalSettings` from the ``evaluation`` config group and the run's checked settings."""
+    sanity_cfg = evaluation_cfg.get("sanity")
+    return EvalSettings(s.eps_values, s.norm, s.eval_batch_size, channels_last, amp_dtype, int(evaluation_cfg.seed),
+                        config.plain(sanity_cfg) if sanity_cfg is not None else None, adversarial_class, progress, desc)
 
 
 @dataclass
@@ -221,95 +250,64 @@ class Evaluation:
     sanity_time_s: float = 0.0
 
 
-def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping[str, Any], *,
-                   eps_values: list[tuple[float, str]], norm: str, batch_size: int, channels_last: bool = False,
-                   amp_dtype: torch.dtype | None = None, sanity_cfg: Any = None, progress: bool = False,
-                   desc: str = "test", adversarial_class: bool = False, seed: int = 0,
+def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping[str, Any], settings: EvalSettings,
                    ranks: distributed.Ranks = distributed.Ranks()) -> Evaluation:
-    """Evaluate ``model`` on ``images`` against every attack of ``attack_cfgs`` at every eps, then run
-    the sanity checks (`advcli.sanity`) unless ``sanity_cfg.enabled`` is false.
+    """Evaluate ``model`` on ``images`` (on the model's device) against every attack of ``attack_cfgs``
+    (``{name: attack config}``) at every eps, then run the sanity checks (`advcli.sanity`).
 
-    Args:
-        images: the examples, on the model's device. attack_cfgs: ``{name: attack config}``.
-        eps_values: ``[(eps, as typed), ...]`` in pixel units. norm: "linf" or "l2" (for the probes).
-        sanity_cfg: ``evaluation.sanity`` (enabled, num_examples, tolerance, steps_factor, restarts_factor).
-        adversarial_class: the model's last output means "adversarial input" (see `Outcomes.summary`).
-        seed: the random starts' seed (each rank adds its rank): the numbers are a function of the model,
-            these arguments and the seed, whatever ran before.
-        ranks: under torchrun each rank attacks a contiguous share of ``images`` and the outcomes are
-            gathered; the sanity probes run on rank 0 alone (the others get ``sanity`` None).
+    The random starts come from generators seeded with ``settings.seed``: the numbers are a function of the
+    model, the settings and the seed, whatever ran before. Under torchrun each rank attacks a contiguous share
+    of ``images`` and the outcomes are gathered; the sanity probes run on rank 0 alone (the others get
+    ``sanity`` None).
     """
-    with runtime.seeded(seed + ranks.rank, images.images.device):
-        return _evaluate_model(model, images, attack_cfgs, eps_values=eps_values, norm=norm, batch_size=batch_size,
-                               channels_last=channels_last, amp_dtype=amp_dtype, sanity_cfg=sanity_cfg,
-                               progress=progress, desc=desc, adversarial_class=adversarial_class, ranks=ranks)
-
-
-def _evaluate_model(model, images, attack_cfgs, *, eps_values, norm, batch_size, channels_last, amp_dtype, sanity_cfg,
-                    progress, desc, adversarial_class, ranks) -> Evaluation:
     attacks, described = evaluation_attacks(attack_cfgs)
-    eps_values = sorted(dict(eps_values).items())  # ascending, each value once
     outcomes: dict[float, Outcomes] = {}
     curve = []
-    for eps, text in eps_values:
-        label = f"{desc} eps={text}" if len(eps_values) > 1 else desc
+    with runtime.seeded(settings.seed + ranks.rank, images.images.device):
         mine = images.subset(data.share(len(images), ranks.shard))
-        outcomes[eps] = attack_outcomes(model, data.batches(mine, batch_size, channels_last=channels_last), attacks,
-                                        eps=eps, amp_dtype=amp_dtype, progress=progress, desc=label,
-                                        total=data.num_batches(len(mine), batch_size),
-                                        adversarial_class=adversarial_class)
-        if ranks.enabled:
-            outcomes[eps] = outcomes[eps].gathered()
-        results = outcomes[eps].summary()
-        for name in described:
-            results[name].update(described[name])
-        curve.append({"eps": eps, "eps_text": text, "eps_255": eps * 255, "test": results})
-    report_, started = None, time.perf_counter()
-    if ranks.is_main and (sanity_cfg is None or sanity_cfg.get("enabled", True)):
-        report_ = sanity_report(model, images, outcomes, {entry["eps"]: entry["test"] for entry in curve}, described,
-                                norm=norm, batch_size=batch_size, channels_last=channels_last, amp_dtype=amp_dtype,
-                                sanity_cfg=sanity_cfg)
+        for eps, text in settings.eps_values:
+            label = f"{settings.desc} eps={text}" if len(settings.eps_values) > 1 else settings.desc
+            batches = tqdm(data.batches(mine, settings.batch_size, channels_last=settings.channels_last), desc=label,
+                           total=data.num_batches(len(mine), settings.batch_size), leave=False,
+                           disable=not settings.progress, dynamic_ncols=True)
+            found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=settings.amp_dtype,
+                                    adversarial_class=settings.adversarial_class)
+            outcomes[eps] = found.gathered() if ranks.enabled else found
+            results = outcomes[eps].summary()
+            for name in described:
+                results[name].update(described[name])
+            curve.append({"eps": eps, "eps_text": text, "eps_255": eps * 255, "test": results})
+        started, report_ = time.perf_counter(), None
+        if ranks.is_main and settings.sanity is not None and settings.sanity.get("enabled", True):
+            report_ = sanity_report(model, images, outcomes, {entry["eps"]: entry["test"] for entry in curve},
+                                    described, settings)
     seconds = {name: sum(found.time_s[name] for found in outcomes.values()) for name in attacks}
     return Evaluation(results=curve[-1]["test"], curve=curve, sanity=report_, attack_time_s=seconds,
                       sanity_time_s=time.perf_counter() - started)
 
 
 def sanity_report(model: nn.Module, images: data.ImageSet, outcomes: Mapping[float, Outcomes],
-                  results: Mapping[float, Any], described: Mapping[str, Any], *, norm: str, batch_size: int,
-                  channels_last: bool, amp_dtype: torch.dtype | None, sanity_cfg: Any = None) -> dict[str, Any]:
-    """`sanity.run_checks` on the first ``sanity_cfg.num_examples`` examples, with probes run like the evaluation."""
-    settings = {"num_examples": 500, "tolerance": 0.01, "steps_factor": 5, "restarts_factor": 2}
-    if sanity_cfg is not None:
-        settings.update({k: sanity_cfg[k] for k in settings if sanity_cfg.get(k) is not None})
-    n = min(len(images), config.require_int("evaluation.sanity.num_examples", settings["num_examples"], minimum=1))
+                  results: Mapping[float, Any], described: Mapping[str, Any], settings: EvalSettings) -> dict[str, Any]:
+    """`sanity.run_checks` on the first ``settings.sanity.num_examples`` examples, probes run like the evaluation."""
+    options = {"num_examples": 500, "tolerance": 0.01, "steps_factor": 5, "restarts_factor": 2}
+    options.update({k: settings.sanity[k] for k in options if settings.sanity.get(k) is not None})
+    n = min(len(images), config.require_int("evaluation.sanity.num_examples", options["num_examples"], minimum=1))
     probe_set = images.subset(slice(0, n))
-    x, y = next(data.batches(probe_set, n, channels_last=channels_last))
-    was_training = model.training
-    model.eval()
+    x, y = next(data.batches(probe_set, n, channels_last=settings.channels_last))
 
     def measure(attack: Attack, eps: float) -> torch.Tensor:
-        found = attack_outcomes(model, data.batches(probe_set, batch_size, channels_last=channels_last),
-                                {"probe": attack}, eps=eps, amp_dtype=amp_dtype)
+        found = attack_outcomes(model, data.batches(probe_set, settings.batch_size, channels_last=settings.channels_last),
+                                {"probe": attack}, eps=eps, amp_dtype=settings.amp_dtype)
         return found.correct["probe"]
 
-    try:
-        first = {eps: found.head(n) for eps, found in outcomes.items()}
+    first = {eps: found.head(n) for eps, found in outcomes.items()}
+    with runtime.eval_mode(model):
         return sanity.run_checks(
-            model, x, y, norm=norm, results=results, num_evaluated=len(images),
+            model, x, y, norm=settings.norm, results=results, num_evaluated=len(images),
             correct={eps: found.correct for eps, found in first.items()}, clean=next(iter(first.values())).clean,
-            described=described, measure=measure, batch_size=batch_size, amp_dtype=amp_dtype,
-            tolerance=float(settings["tolerance"]), steps_factor=int(settings["steps_factor"]),
-            restarts_factor=int(settings["restarts_factor"]))
-    finally:
-        model.train(was_training)
-
-
-def eps_list(cfg: DictConfig, *, norm: str, dim: int) -> list[tuple[float, str]]:
-    """``cfg.eps`` as ``[(eps, as typed), ...]``: one value, or a list (``eps=[0,1/255,2/255]``)."""
-    texts = [str(v) for v in cfg.eps] if OmegaConf.is_list(cfg.eps) else [str(cfg.eps)]
-    if not texts:
-        raise ConfigError("eps=[] is an empty list; give one eps (eps=8/255) or several (eps=0,2/255,4/255,8/255).")
-    return [(config.parse_eps(text, norm=norm, dim=dim), text) for text in texts]
+            described=described, measure=measure, batch_size=settings.batch_size, amp_dtype=settings.amp_dtype,
+            tolerance=float(options["tolerance"]), steps_factor=int(options["steps_factor"]),
+            restarts_factor=int(options["restarts_factor"]))
 
 
 def evaluation_attack_configs(evaluation_cfg: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,121 +334,82 @@ def eval_attack_configs(cfg: DictConfig, spec: Mapping[str, Any]) -> dict[str, A
     return attack_cfgs
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """``advcli eval``: load ``cfg.ckpt``, fill unset values from its training config, evaluate."""
-    started = time.perf_counter()
-    if cfg.ckpt is None:
-        raise ConfigError("No checkpoint given: pass ckpt=PATH (a checkpoint.pt from a run directory).")
+# --- advcli eval: a checkpoint, its settings, a report ---------------------------------------------------
+
+@dataclass
+class CheckpointEvaluation:
+    """What `evaluate_checkpoint` checked before any work: the checkpoint and the settings to evaluate it with."""
+
+    cfg: DictConfig
+    payload: dict[str, Any]
+    settings: config.RunSettings
+    attack_cfgs: dict[str, Any]
+    split: str
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.payload["model_spec"]
+
+
+def check_eval_settings(cfg: DictConfig) -> CheckpointEvaluation:
+    """Load ``cfg.ckpt``, fill unset eps/norm/restarts from its training run, check every value (each eps once)."""
     payload = checkpoint.load(cfg.ckpt)
-    trained = payload["config"]
-    # unset values follow the training run, so interpolations like ${eps} resolve to them
-    for key in ("eps", "norm", "restarts"):
-        if cfg[key] is None:
-            cfg[key] = trained[key]
+    config.fill_from_training_run(cfg, payload["config"], ("eps", "norm", "restarts"))
     spec = payload["model_spec"]
-    dim = spec["in_channels"] * spec["image_size"] ** 2
-    norm = config.require_choice("norm", cfg.norm, config.NORMS)
-    eps_values = eps_list(cfg, norm=norm, dim=dim)
-    single = copy.deepcopy(cfg)  # the shared checks take one eps; each value of a list was checked above
-    single.eps = eps_values[-1][1]
-    s = config.run_settings(single, dim=dim)
+    s = config.run_settings(cfg, dim=spec["in_channels"] * spec["image_size"] ** 2, allow_eps_list=True)
     attack_cfgs = eval_attack_configs(cfg, spec)
-    config.check_evaluation_attacks(attack_cfgs, norm=norm, num_classes=checkpoint.num_outputs(spec),
+    config.check_evaluation_attacks(attack_cfgs, norm=s.norm, num_classes=checkpoint.num_outputs(spec),
                                     adversarial_class=bool(spec.get("adversarial_class")))
-    split = config.require_choice("split", cfg.split, ("train", "test"))
-    ranks = distributed.from_environment()
-    device = distributed.start(ranks, runtime.resolve_device(cfg.device))
-    try:
-        return _evaluate_checkpoint(cfg, payload, attack_cfgs, eps_values, s, split, ranks, device, started)
-    finally:
-        distributed.stop()
+    return CheckpointEvaluation(cfg, payload, s, attack_cfgs, config.require_choice("split", cfg.split, SPLITS))
 
 
-def _evaluate_checkpoint(cfg: DictConfig, payload: dict[str, Any], attack_cfgs: dict[str, Any],
-                         eps_values: list[tuple[float, str]], s: config.RunSettings, split: str,
-                         ranks: distributed.Ranks, device: torch.device, started: float) -> dict[str, Any]:
-    trained, spec = payload["config"], payload["model_spec"]
-    out = distributed.same_on_all_ranks(config.output_dir(cfg) if ranks.is_main else None)
-    amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
-
-    dataset = config.dataset_choice(trained["dataset"])
-    images = data.load_split(dataset.name, split, root=s.data_root, download=cfg.data.download, **dataset.options)
-    if s.num_test is not None:
-        images = images.subset(slice(0, s.num_test))
-    model, channels_last = runtime.prepare_model(checkpoint.rebuild_model(payload, cfg.ckpt), device, cfg.channels_last)
-    images = images.to(device)
+def load_examples(job: CheckpointEvaluation, device: torch.device) -> tuple[str, data.ImageSet]:
+    """The dataset's name and the examples to evaluate on (the split's first ``evaluation.num_examples``)."""
+    dataset = config.dataset_choice(job.payload["config"]["dataset"])
+    images = data.load_split(dataset.name, job.split, root=job.settings.data_root, download=job.cfg.data.download,
+                             **dataset.options)
+    if job.settings.num_test is not None:
+        images = images.subset(slice(0, job.settings.num_test))
+    spec = job.spec
     if tuple(images.images.shape[1:]) != (spec["in_channels"], spec["image_size"], spec["image_size"]):
         raise checkpoint.CheckpointError(
-            f"Checkpoint {cfg.ckpt} expects {spec['in_channels']}x{spec['image_size']}x{spec['image_size']} images, "
-            f"but {dataset.name} has {'x'.join(map(str, images.images.shape[1:]))}."
-        )
+            f"Checkpoint {job.cfg.ckpt} expects {spec['in_channels']}x{spec['image_size']}x{spec['image_size']} "
+            f"images, but {dataset.name} has {'x'.join(map(str, images.images.shape[1:]))}.")
+    return dataset.name, images.to(device)
 
-    found = evaluate_model(model, images, attack_cfgs, eps_values=eps_values, norm=s.norm,
-                           batch_size=s.eval_batch_size, channels_last=channels_last, amp_dtype=amp_dtype,
-                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress and ranks.is_main,
-                           desc=split, adversarial_class=bool(spec.get("adversarial_class")),
-                           seed=int(cfg.evaluation.seed), ranks=ranks)
-    top = found.curve[-1]
-    metrics = {
-        "command": "eval", "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "model": spec["name"], "split": split,
-        "eps": top["eps"], "eps_text": top["eps_text"], "eps_255": top["eps_255"], "norm": s.norm,
-        "restarts": s.restarts, "num_examples": len(images), "trained_epochs": payload.get("epoch"),
-        "test": found.results,
-    }
-    if len(found.curve) > 1:
-        metrics["curve"] = found.curve
-    metrics.update({"sanity": found.sanity, "attack_time_s": found.attack_time_s, "sanity_time_s": found.sanity_time_s,
-                    "wall_time_s": time.perf_counter() - started, "device": str(device),
-                    "precision": runtime.describe_precision(amp_dtype), "torch": torch.__version__})
-    if ranks.enabled:
-        metrics["processes"] = ranks.world
-    if not ranks.is_main:
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """``advcli eval``: the checkpoint's model on its dataset, at the asked (or trained) settings; metrics.json."""
+    started = time.perf_counter()
+    job = check_eval_settings(cfg)
+    with distributed.joined(runtime.resolve_device(cfg.device)) as (ranks, device):
+        out = distributed.same_on_all_ranks(paths.output_dir(cfg) if ranks.is_main else None)
+        dataset, images = load_examples(job, device)
+        model, channels_last = runtime.prepare_model(checkpoint.rebuild_model(job.payload, cfg.ckpt), device,
+                                                     cfg.channels_last)
+        amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
+        settings = eval_settings(cfg.evaluation, job.settings, amp_dtype=amp_dtype, channels_last=channels_last,
+                                 adversarial_class=bool(job.spec.get("adversarial_class")),
+                                 progress=cfg.progress and ranks.is_main, desc=job.split)
+        found = evaluate_model(model, images, job.attack_cfgs, settings, ranks)
+        metrics = {
+            "command": "eval", "checkpoint": str(cfg.ckpt), "dataset": dataset, "model": job.spec["name"],
+            "split": job.split, "eps": job.settings.eps, "eps_text": job.settings.eps_text,
+            "eps_255": job.settings.eps * 255, "norm": job.settings.norm, "restarts": job.settings.restarts,
+            "num_examples": len(images), "trained_epochs": job.payload.get("epoch"), "test": found.results,
+            **({"curve": found.curve} if len(found.curve) > 1 else {}), "sanity": found.sanity,
+            "attack_time_s": found.attack_time_s, "sanity_time_s": found.sanity_time_s,
+            "wall_time_s": time.perf_counter() - started, "device": str(device),
+            "precision": runtime.describe_precision(amp_dtype), "torch": torch.__version__,
+            **({"processes": ranks.world} if ranks.enabled else {})}
+        if ranks.is_main:
+            report.write_eval_report(out, metrics, found.curve,
+                                     title=f"{job.spec['name']} on {dataset} ({job.split}, {len(images)} examples)")
         return metrics
-    lines = [f"\n{cfg.ckpt}: {dataset.name} {split} split ({len(images)} examples)"]
-    if len(found.curve) > 1:
-        report.write_curve_csv(out / "robustness_curve.csv", found.curve)
-        report.plot_curve(out / "robustness_curve.png", found.curve, norm=s.norm,
-                          title=f"{spec['name']} on {dataset.name} ({split}, {len(images)} examples)")
-        lines += [report.curve_table(found.curve, norm=s.norm),
-                  f"wrote {out / 'robustness_curve.csv'} and {out / 'robustness_curve.png'}"]
-    else:
-        lines.append(report.results_table(found.results, eps=s.eps, norm=s.norm))
-    if found.sanity is not None:
-        lines.append(report.sanity_table(found.sanity))
-    report.write_json(out / "metrics.json", metrics)
-    print("\n".join([*lines, f"wrote {out / 'metrics.json'}"]))
-    return metrics
 
 
-def eps_list_as_typed(args: list[str]) -> list[str]:
-    """``eps=0,1/255,2/255`` -> ``eps=[0,1/255,2/255]`` unless ``-m``/``--multirun`` asks for a sweep.
+if __name__ == "__main__":  # python -m advcli.evaluate (and torchrun -m advcli.evaluate): the same as advcli eval
+    from advcli.cli import eps_list_as_typed, eval_app
 
-    Hydra reads a comma list as a sweep and refuses it without ``-m``; ``advcli eval`` takes it as the
-    eps values of one robustness curve, as typed. Sweep functions (``eps=range(...)``) stay as they are.
-    """
-    if any(arg in ("-m", "--multirun") for arg in args):
-        return args
-    rewritten = []
-    for arg in args:
-        value = arg[len("eps="):] if arg.startswith("eps=") else ""
-        if "," in value and not value.lstrip().startswith("[") and "(" not in value:
-            arg = f"eps=[{value}]"
-        rewritten.append(arg)
-    return rewritten
-
-
-@hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="eval")
-def hydra_main(cfg: DictConfig) -> float:
-    """Returns the PGD robust accuracy (at the largest eps), so Hydra sweepers can optimise it."""
-    metrics = run_guarded(evaluate_checkpoint, cfg)
-    return metrics["test"].get("pgd", metrics["test"]["clean"])["acc"]
-
-
-def main() -> Any:
-    """``advcli eval`` and ``python -m advcli.evaluate``: Hydra's app, with an eps list taken as typed."""
     sys.argv = [sys.argv[0], *eps_list_as_typed(sys.argv[1:])]
-    return hydra_main()
-
-
-if __name__ == "__main__":
-    main()
+    eval_app()

@@ -1,4 +1,5 @@
-"""What a run leaves for people: the results table, metrics.json, and one-line epoch summaries."""
+"""What a run leaves for people: the results table, metrics.json, one-line epoch summaries, the plots, and
+`percent`, the one percent formatter."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from advcli.checkpoint import atomic_write
 from advcli.config import format_eps
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+def percent(value: float | None, *, digits: int = 2, sign: bool = True) -> str:
+    """A fraction as a percentage, ``0.8734`` -> ``87.34%``; ``-`` where there is no number (None or NaN).
+
+    ``digits`` after the point; ``sign=False`` leaves out the ``%`` (for a column whose title says it)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.{digits}f}" + ("%" if sign else "")
 
 
 def results_table(results: Mapping[str, Mapping[str, Any]], *, eps: float, norm: str) -> str:
@@ -52,6 +58,16 @@ def results_table(results: Mapping[str, Mapping[str, Any]], *, eps: float, norm:
     return "\n".join(lines)
 
 
+def training_results(metrics: Mapping[str, Any]) -> str:
+    """What ``advcli train`` prints at its end: how the model was trained, the results table, the sanity report."""
+    how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
+    sanity = f"{sanity_table(metrics['sanity'])}\n" if metrics.get("sanity") else ""
+    table = results_table(metrics["test"], eps=metrics["eps"], norm=metrics["norm"])
+    return (f"\n{metrics['dataset']} / {metrics['model']}, trained with {how} for {metrics['epochs_trained']} epoch(s); "
+            f"test set ({metrics['num_test']} examples):\n{table}\n{sanity}"
+            f"train {metrics['train_time_s']:.1f}s, eval {metrics['eval_time_s']:.1f}s")
+
+
 def epoch_line(entry: Mapping[str, Any], epochs: int) -> str:
     """``epoch 3/10  train loss 0.4120 acc 87.10%  val clean 95.20% pgd 80.30%  lr 1.0e-03  41.2s``."""
     parts = [f"epoch {entry['epoch']}/{epochs}",
@@ -68,10 +84,6 @@ def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
 
 
 # --- robustness curve and sanity report (advcli eval eps=a,b,c) ---------------------------------
@@ -110,14 +122,12 @@ def write_curve_csv(path: str | Path, curve: list[Mapping[str, Any]]) -> None:
 
 
 def plot_curve(path: str | Path, curve: list[Mapping[str, Any]], *, norm: str, title: str = "") -> None:
-    """Accuracy against eps, one line per attack, as a PNG (matplotlib's Agg canvas: no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """Accuracy against eps, one line per attack, as a PNG (a bare `Figure`: no pyplot, no display needed)."""
     from matplotlib.figure import Figure
 
     on_255 = all(abs(p["eps_255"] - round(p["eps_255"])) < 1e-6 for p in curve)  # image-style eps: k/255
     xs = [round(p["eps_255"]) if on_255 else p["eps"] for p in curve]
     figure = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for name in curve_columns(curve):
         ax.plot(xs, [100 * p["test"][name]["acc"] for p in curve], marker="o",
@@ -138,12 +148,10 @@ def plot_training_curves(path: str | Path, history: list[Mapping[str, Any]], *, 
 
     Held-out PGD accuracy is the curve to watch: a collapse while training accuracy rises is catastrophic
     overfitting."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     epochs = [entry["epoch"] for entry in history]
     figure = Figure(figsize=(9, 3.6), dpi=100)
-    FigureCanvasAgg(figure)
     accuracy, loss = figure.subplots(1, 2)
     for key, label, style in (("train_acc", "training (attacked batches)", ":"), ("val_clean_acc", "held-out clean", "--"),
                               ("val_pgd_acc", "held-out PGD", "-")):
@@ -174,3 +182,21 @@ def sanity_table(sanity: Mapping[str, Any]) -> str:
         if item.get("likely_cause"):
             lines.append(f"        likely cause: {item['likely_cause']}")
     return "\n".join(lines)
+
+
+def write_eval_report(out: Path, metrics: Mapping[str, Any], curve: list[Mapping[str, Any]], *, title: str) -> None:
+    """metrics.json, and for an eps list the robustness curve as CSV and PNG; prints the tables."""
+    norm = metrics["norm"]
+    lines = [f"\n{metrics['checkpoint']}: {metrics['dataset']} {metrics['split']} split ({metrics['num_examples']} "
+             "examples)"]
+    if len(curve) > 1:
+        write_curve_csv(out / "robustness_curve.csv", curve)
+        plot_curve(out / "robustness_curve.png", curve, norm=norm, title=title)
+        lines += [curve_table(curve, norm=norm),
+                  f"wrote {out / 'robustness_curve.csv'} and {out / 'robustness_curve.png'}"]
+    else:
+        lines.append(results_table(metrics["test"], eps=metrics["eps"], norm=norm))
+    if metrics["sanity"] is not None:
+        lines.append(sanity_table(metrics["sanity"]))
+    write_json(out / "metrics.json", metrics)
+    print("\n".join([*lines, f"wrote {out / 'metrics.json'}"]))

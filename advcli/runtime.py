@@ -63,9 +63,7 @@ def resolve_amp(amp: str, device: torch.device, *, native_bf16: bool | None = No
     ``auto`` picks bf16 on CUDA devices that support it (else fp16) and on CPUs that compute bf16
     natively; elsewhere fp32, since emulated bf16 is slower than fp32.
     """
-    if amp is False:  # YAML 1.1 reads an unquoted `off` as false
-        amp = "off"
-    require_choice("amp", amp, AMP_MODES)
+    amp = require_choice("amp", amp, AMP_MODES)
     if amp == "off":
         return None
     if amp == "bf16":
@@ -98,6 +96,17 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 def seed_everything(seed: int) -> None:
     """Seed torch's CPU and CUDA generators (advcli draws all its randomness from torch)."""
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode (BatchNorm statistics frozen) for the block, then back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager

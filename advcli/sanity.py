@@ -9,6 +9,7 @@ Most checks read numbers the evaluation already has (per-example outcomes of eve
 eps); the rest run cheap probes on the first ``num_examples`` evaluated examples: one input gradient,
 the strongest PGD at a large eps and at twice the largest eps, and the same PGD with more steps and
 restarts. Probes count an example misclassified without any attack as broken, as the evaluation does.
+`run_checks` gathers what they read as an `Evidence`; each check is one function of it, named as below.
 
 | check | what it asks | a warning usually means |
 |---|---|---|
@@ -24,18 +25,135 @@ restarts. Probes count an example misclassified without any attack as broken, as
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from advcli import attacks, runtime
 from advcli.config import format_eps
+from advcli.report import percent
 
 # A probe: (attack, eps) -> per-example "still correctly classified" on the probe examples, bool (n,).
 Measure = Callable[[attacks.Attack, float], torch.Tensor]
 
 ITERATIVE = ("pgd",)  # AutoAttack has its own check: with it here, its strength would hide a weak PGD
+
+pct = partial(percent, digits=1)  # the report's percentages: 87.3%
+
+
+@dataclass
+class Evidence:
+    """What the checks read: the evaluation's numbers, and the probe examples with a way to attack them again.
+
+    Fields:
+        model: the evaluated model, in eval mode. x, y: the probe examples, (n, C, H, W) in [0, 1] and (n,),
+            the first n evaluated examples.
+        norm: the threat model's norm, ``linf`` or ``l2``.
+        results: per eps, the evaluation's summary ``{attack: {"acc", ...}, "any_attack": {"acc"}}``, over
+            all ``num_evaluated`` examples.
+        correct: per eps, per attack, which probe examples the attack left correctly classified, bool (n,).
+        clean: which probe examples are correctly classified without attack, bool (n,).
+        described: each evaluation attack's settings (``attack`` kind, steps, restarts, ...).
+        measure: runs an attack at an eps on the probe examples (see `Measure`).
+        batch_size, amp_dtype: how the gradient check runs its backward passes.
+        tolerance: accuracy differences (fractions) up to this, or one example, count as noise.
+        steps_factor, restarts_factor: how much stronger the "more steps" probe is.
+    """
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    norm: str
+    results: Mapping[float, Mapping[str, Mapping[str, Any]]]
+    num_evaluated: int
+    correct: Mapping[float, Mapping[str, torch.Tensor]]
+    clean: torch.Tensor
+    described: Mapping[str, Mapping[str, Any]]
+    measure: Measure
+    batch_size: int = 500
+    amp_dtype: torch.dtype | None = None
+    tolerance: float = 0.01
+    steps_factor: int = 5
+    restarts_factor: int = 2
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    @property
+    def eps_values(self) -> list[float]:
+        return sorted(self.results)
+
+    @property
+    def attacked(self) -> list[float]:
+        """The eps values above 0, ascending."""
+        return [eps for eps in self.eps_values if eps > 0]
+
+    @property
+    def top(self) -> float:
+        return self.eps_values[-1]
+
+    @property
+    def on_probe(self) -> float:
+        """The accuracy difference taken as noise on the probe examples."""
+        return allowed(self.tolerance, self.n)
+
+    @property
+    def on_all(self) -> float:
+        """The accuracy difference taken as noise on every evaluated example."""
+        return allowed(self.tolerance, self.num_evaluated)
+
+    def of_kind(self, *kinds: str) -> list[str]:
+        """The evaluation attacks of these kinds (``pgd``, ``fgsm``, ``autoattack``), in evaluation order."""
+        return [name for name, row in self.described.items() if row.get("attack") in kinds]
+
+    def acc(self, eps: float, name: str) -> float:
+        """The evaluation's accuracy of attack ``name`` at ``eps``, over every evaluated example."""
+        return self.results[eps][name]["acc"]
+
+
+class Probe(NamedTuple):
+    """The strongest evaluation PGD on the probe examples: its accuracy by eps, up to ``large_eps``."""
+
+    name: str
+    settings: dict[str, Any]  # as `pgd` keywords, norm included
+    curve: list[tuple[float, float]]  # (eps, accuracy) from eps 0, ending at large_eps
+    large_eps: float
+    at_top: float  # accuracy at the evaluation's largest eps
+
+    @property
+    def large_acc(self) -> float:
+        return self.curve[-1][1]
+
+
+class Stronger(NamedTuple):
+    """The probe PGD with more steps and restarts, at the evaluation's largest eps."""
+
+    label: str
+    correct: torch.Tensor  # which probe examples it left correctly classified, bool (n,)
+
+
+def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **evidence: Any) -> dict[str, Any]:
+    """Every check, as ``{"verdict": "pass"|"warn", "num_examples", "checks": [{name, check, verdict,
+    detail, likely_cause}, ...]}``.
+
+    Args:
+        model, x, y, evidence: the fields of `Evidence`, the rest by keyword.
+    """
+    found = Evidence(model, x, y, **evidence)
+    checks = [gradients_nonzero(found), iterative_beats_single_step(found), autoattack_agrees_with_pgd(found)]
+    probe = probe_curve(found)
+    checks += [accuracy_falls_with_eps(found, probe), large_eps_reaches_zero(found, probe)]
+    if found.top > 0:
+        stronger = stronger_probe(found, probe)
+        checks += [more_steps_do_not_raise_accuracy(found, probe, stronger),
+                   attack_converged(found, probe, stronger)]
+    checks = [item for item in checks if item is not None]  # a check without the attacks it compares
+    return {"verdict": "warn" if any(c["verdict"] == "warn" for c in checks) else "pass", "num_examples": found.n,
+            "checks": checks}
 
 
 def large_eps(norm: str, dim: int) -> float:
@@ -48,8 +166,9 @@ def check(name: str, statement: str, ok: bool, detail: str, cause: str) -> dict[
             "likely_cause": None if ok else cause}
 
 
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
+def accuracy(hits: torch.Tensor) -> float:
+    """The fraction of a bool (n,) "correctly classified" tensor that is True."""
+    return hits.float().mean().item()
 
 
 def allowed(tolerance: float, n: int) -> float:
@@ -70,26 +189,27 @@ def base_attack(described: Mapping[str, Mapping[str, Any]], acc_at: Mapping[str,
     return name, kwargs
 
 
-def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, *, batch_size: int,
-                   amp_dtype: torch.dtype | None, tolerance: float) -> dict[str, Any]:
+# --- the checks, in the report's order ------------------------------------------------------------
+
+def gradients_nonzero(evidence: Evidence) -> dict[str, Any]:
     """Input gradient of the logit margin at every correctly classified probe example (one backward pass).
 
     The margin, not the cross-entropy: a confident model's cross-entropy gradient underflows to exactly
     zero in fp32, while the margin's gradient is zero only where the network's own gradient is.
     """
     bad, total = 0, 0
-    x, y = x[clean], y[clean]
-    with attacks.frozen_parameters(model):
-        for start in range(0, len(y), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            with runtime.autocast(xb.device, amp_dtype):
-                grad = attacks.input_gradient(model, xb, yb, torch.zeros_like(xb), attacks.margin)
-            size = grad.flatten(1).abs().sum(dim=1)
-            bad += int(((size == 0) | ~torch.isfinite(size)).sum())
+    x, y = evidence.x[evidence.clean], evidence.y[evidence.clean]
+    size = evidence.batch_size
+    with attacks.frozen_parameters(evidence.model):
+        for start in range(0, len(y), size):
+            xb, yb = x[start:start + size], y[start:start + size]
+            with runtime.autocast(xb.device, evidence.amp_dtype):
+                grad = attacks.input_gradient(evidence.model, xb, yb, torch.zeros_like(xb), attacks.margin)
+            norms = grad.flatten(1).abs().sum(dim=1)
+            bad += int(((norms == 0) | ~torch.isfinite(norms)).sum())
             total += len(yb)
-    ok = bad <= tolerance * total
     return check(
-        "gradients_nonzero", "input gradients are non-zero and finite", ok,
+        "gradients_nonzero", "input gradients are non-zero and finite", bad <= evidence.tolerance * total,
         f"{bad} of {total} correctly classified examples have a zero or non-finite input gradient",
         "shattered gradients (Athalye et al. 2018): a non-differentiable step in the forward pass (rounding, "
         "quantisation, thresholding, JPEG, argmax) stops the gradient, so gradient attacks cannot move. "
@@ -97,136 +217,135 @@ def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: to
         "(Square, in attack=autoattack) over PGD here.")
 
 
-def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str,
-               results: Mapping[float, Mapping[str, Mapping[str, Any]]], num_evaluated: int,
-               correct: Mapping[float, Mapping[str, torch.Tensor]], clean: torch.Tensor,
-               described: Mapping[str, Mapping[str, Any]], measure: Measure, batch_size: int = 500,
-               amp_dtype: torch.dtype | None = None, tolerance: float = 0.01, steps_factor: int = 5,
-               restarts_factor: int = 2) -> dict[str, Any]:
-    """Every check, as ``{"verdict": "pass"|"warn", "num_examples", "checks": [{name, check, verdict,
-    detail, likely_cause}, ...]}``.
-
-    Args:
-        model: the evaluated model, in eval mode. x, y: the probe examples, (n, C, H, W) in [0, 1] and (n,),
-            the first n evaluated examples.
-        results: per eps, the evaluation's summary ``{attack: {"acc", ...}, "any_attack": {"acc"}}``, over
-            all ``num_evaluated`` examples.
-        correct: per eps, per attack, which probe examples the attack left correctly classified, bool (n,).
-        clean: which probe examples are correctly classified without attack, bool (n,).
-        described: each evaluation attack's settings (``attack`` kind, steps, restarts, ...).
-        measure: runs an attack at an eps on the probe examples (see `Measure`).
-        tolerance: accuracy differences (fractions) up to this, or one example, count as noise.
-        steps_factor, restarts_factor: how much stronger the "more steps" probe is.
-    """
-    n = len(y)
-    eps_values = sorted(results)
-    top = eps_values[-1]
-    on_probe, on_all = allowed(tolerance, n), allowed(tolerance, num_evaluated)
-    acc = lambda hits: hits.float().mean().item()  # noqa: E731
-    checks = [gradient_check(model, x, y, clean, batch_size=batch_size, amp_dtype=amp_dtype, tolerance=tolerance)]
-
-    # iterative attacks at least as strong as single-step ones: the whole set, every eps > 0
-    kinds = {name: row.get("attack") for name, row in described.items()}
-    single = [name for name, kind in kinds.items() if kind == "fgsm"]
-    iterative = [name for name, kind in kinds.items() if kind in ITERATIVE]
+def iterative_beats_single_step(evidence: Evidence) -> dict[str, Any] | None:
+    """Iterative attacks at least as strong as single-step ones: the whole set, every eps > 0. Where the
+    evaluation lacks either kind, FGSM and a 20-step PGD are both probed. None without an eps > 0."""
+    single, iterative = evidence.of_kind("fgsm"), evidence.of_kind(*ITERATIVE)
     lines, ok = [], True
-    for eps in (e for e in eps_values if e > 0):
+    for eps in evidence.attacked:
         if single and iterative:
-            fgsm_acc = min(results[eps][name]["acc"] for name in single)
-            best = min(iterative, key=lambda name: results[eps][name]["acc"])
-            best_acc, slack = results[eps][best]["acc"], on_all
+            fgsm_acc = min(evidence.acc(eps, name) for name in single)
+            best = min(iterative, key=lambda name: evidence.acc(eps, name))
+            best_acc, slack = evidence.acc(eps, best), evidence.on_all
         else:  # not among the evaluation attacks: probe both
-            best, fgsm_acc = "pgd-20", acc(measure(attacks.fgsm, eps))
-            best_acc, slack = acc(measure(_pgd(steps=20, norm=norm), eps)), on_probe
+            best, fgsm_acc = "pgd-20", accuracy(evidence.measure(attacks.fgsm, eps))
+            best_acc = accuracy(evidence.measure(_pgd(steps=20, norm=evidence.norm), eps))
+            slack = evidence.on_probe
         ok &= best_acc <= fgsm_acc + slack
         lines.append(f"eps={format_eps(eps)}: FGSM {pct(fgsm_acc)}, {best} {pct(best_acc)}")
-    if lines:
-        checks.append(check(
-            "iterative_beats_single_step", "iterative attacks are at least as strong as single-step ones", ok,
-            "; ".join(lines),
-            "gradient masking: the loss is flat or noisy near x, so small gradient steps get nowhere while one "
-            "large step happens to land (Athalye et al. 2018; Carlini et al. 2019). Less often, a PGD step size "
-            "(alpha) far too small for its number of steps."))
+    if not lines:
+        return None
+    return check(
+        "iterative_beats_single_step", "iterative attacks are at least as strong as single-step ones", ok,
+        "; ".join(lines),
+        "gradient masking: the loss is flat or noisy near x, so small gradient steps get nowhere while one "
+        "large step happens to land (Athalye et al. 2018; Carlini et al. 2019). Less often, a PGD step size "
+        "(alpha) far too small for its number of steps.")
 
-    # AutoAttack, when evaluated, finds (almost) nothing the PGD attacks missed
-    ensembles = [name for name, kind in kinds.items() if kind == "autoattack"]
-    pgds = [name for name, kind in kinds.items() if kind == "pgd"]
-    if ensembles and pgds:
-        lines, ok = [], True
-        for eps in (e for e in eps_values if e > 0):
-            best = min(pgds, key=lambda name: results[eps][name]["acc"])
-            ours, theirs = results[eps][best]["acc"], min(results[eps][name]["acc"] for name in ensembles)
-            ok &= theirs >= ours - on_all
-            lines.append(f"eps={format_eps(eps)}: {best} {pct(ours)}, AutoAttack {pct(theirs)}")
-        checks.append(check(
-            "autoattack_agrees_with_pgd", "AutoAttack breaks (almost) nothing that PGD missed", ok, "; ".join(lines),
-            "gradient masking, or a PGD too weak for this model: AutoAttack's step-size-free APGD, its targeted "
-            "losses or its gradient-free Square attack found what PGD could not (Croce & Hein 2020). Trust the "
-            "AutoAttack number, and look for what blocks PGD's gradient."))
 
-    # probes with the strongest evaluation PGD on the probe examples: its accuracy by eps, up to a huge eps
-    base_name, base = base_attack(described, {k: v["acc"] for k, v in results[top].items() if k in described})
-    base = {**base, "norm": norm}
-    probe = _pgd(**base)
-    big = large_eps(norm, x[0].numel())
-    curve = [(0.0, acc(clean))]
-    for eps in (e for e in eps_values if e > 0):
-        hits = correct[eps].get(base_name)
-        curve.append((eps, acc(hits) if hits is not None else acc(measure(probe, eps))))
-    base_acc = dict(curve)
+def autoattack_agrees_with_pgd(evidence: Evidence) -> dict[str, Any] | None:
+    """AutoAttack, when evaluated, finds (almost) nothing the PGD attacks missed. None without both."""
+    ensembles, pgds = evidence.of_kind("autoattack"), evidence.of_kind("pgd")
+    if not (ensembles and pgds):
+        return None
+    lines, ok = [], True
+    for eps in evidence.attacked:
+        best = min(pgds, key=lambda name: evidence.acc(eps, name))
+        ours, theirs = evidence.acc(eps, best), min(evidence.acc(eps, name) for name in ensembles)
+        ok &= theirs >= ours - evidence.on_all
+        lines.append(f"eps={format_eps(eps)}: {best} {pct(ours)}, AutoAttack {pct(theirs)}")
+    return check(
+        "autoattack_agrees_with_pgd", "AutoAttack breaks (almost) nothing that PGD missed", ok, "; ".join(lines),
+        "gradient masking, or a PGD too weak for this model: AutoAttack's step-size-free APGD, its targeted "
+        "losses or its gradient-free Square attack found what PGD could not (Croce & Hein 2020). Trust the "
+        "AutoAttack number, and look for what blocks PGD's gradient.")
+
+
+def probe_curve(evidence: Evidence) -> Probe:
+    """The strongest evaluation PGD's accuracy on the probe examples by eps: the evaluation's own outcomes
+    where it ran, a probe elsewhere, then probes at twice the largest eps and at a radius allowing any image."""
+    top = evidence.top
+    acc_at_top = {name: row["acc"] for name, row in evidence.results[top].items() if name in evidence.described}
+    name, settings = base_attack(evidence.described, acc_at_top)
+    settings = {**settings, "norm": evidence.norm}
+    attack = _pgd(**settings)
+    big = large_eps(evidence.norm, evidence.x[0].numel())
+    curve = [(0.0, accuracy(evidence.clean))]
+    for eps in evidence.attacked:
+        hits = evidence.correct[eps].get(name)
+        curve.append((eps, accuracy(hits) if hits is not None else accuracy(evidence.measure(attack, eps))))
+    at_top = curve[-1][1]  # the largest eps's (eps 0's when it is the only one)
     if 0 < 2 * top < big:
-        curve.append((2 * top, acc(measure(probe, 2 * top))))
-    large_acc = acc(measure(probe, big))
-    curve.append((big, large_acc))
+        curve.append((2 * top, accuracy(evidence.measure(attack, 2 * top))))
+    curve.append((big, accuracy(evidence.measure(attack, big))))
+    return Probe(name, settings, curve, big, at_top)
 
-    # accuracy does not rise with eps: the probe curve, and each attack's own curve over the eps list
-    rises = [f"{base_name} {pct(a0)} at eps={format_eps(e0)} -> {pct(a1)} at eps={format_eps(e1)}"
-             for (e0, a0), (e1, a1) in zip(curve, curve[1:]) if a1 > a0 + on_probe]
-    for name in described:
-        accs = [(eps, results[eps][name]["acc"]) for eps in eps_values]
-        rises += [f"{name} {pct(a0)} at eps={format_eps(e0)} -> {pct(a1)} at eps={format_eps(e1)}"
-                  for (e0, a0), (e1, a1) in zip(accs, accs[1:]) if a1 > a0 + on_all]
-    shown = ", ".join(f"{format_eps(eps)}: {pct(a)}" for eps, a in curve)
-    checks.append(check(
+
+def accuracy_falls_with_eps(evidence: Evidence, probe: Probe) -> dict[str, Any]:
+    """Accuracy does not rise with eps: the probe curve, and each attack's own curve over the eps list."""
+    rises = _rises(probe.name, probe.curve, evidence.on_probe)
+    for name in evidence.described:
+        rises += _rises(name, [(eps, evidence.acc(eps, name)) for eps in evidence.eps_values], evidence.on_all)
+    shown = ", ".join(f"{format_eps(eps)}: {pct(a)}" for eps, a in probe.curve)
+    return check(
         "accuracy_falls_with_eps", "accuracy does not rise as eps grows", not rises,
-        f"{base_name} on {n} examples by eps: {shown}" + (f"; rises: {'; '.join(rises)}" if rises else ""),
+        f"{probe.name} on {evidence.n} examples by eps: {shown}" + (f"; rises: {'; '.join(rises)}" if rises else ""),
         "gradient masking: a larger budget can never help the model, so the attack is not finding the worst "
-        "case (Carlini et al. 2019). Check also that the attack's step size scales with eps."))
+        "case (Carlini et al. 2019). Check also that the attack's step size scales with eps.")
 
-    # a budget that allows any image leaves nothing correct
-    checks.append(check(
-        "large_eps_reaches_zero", f"at eps={big:.4g} ({norm}), where every image is allowed, accuracy is ~0%",
-        large_acc <= on_probe, f"{base_name} at eps={big:.4g} on {n} examples: {pct(large_acc)} still correct",
+
+def _rises(name: str, curve: list[tuple[float, float]], slack: float) -> list[str]:
+    """Each step of an (eps, accuracy) curve where accuracy rises by more than ``slack``, as text."""
+    return [f"{name} {pct(a0)} at eps={format_eps(e0)} -> {pct(a1)} at eps={format_eps(e1)}"
+            for (e0, a0), (e1, a1) in zip(curve, curve[1:]) if a1 > a0 + slack]
+
+
+def large_eps_reaches_zero(evidence: Evidence, probe: Probe) -> dict[str, Any]:
+    """A budget that allows any image leaves nothing correct."""
+    big = probe.large_eps
+    return check(
+        "large_eps_reaches_zero", f"at eps={big:.4g} ({evidence.norm}), where every image is allowed, accuracy is ~0%",
+        probe.large_acc <= evidence.on_probe,
+        f"{probe.name} at eps={big:.4g} on {evidence.n} examples: {pct(probe.large_acc)} still correct",
         "gradient masking or a broken attack: with an unbounded budget a working attack reaches 0% (Athalye "
         "et al. 2018; Carlini et al. 2019). Look for a non-differentiable or saturating layer in the forward "
-        "pass, or check the attack's clamping and projection."))
+        "pass, or check the attack's clamping and projection.")
 
-    # more steps and restarts: never higher accuracy, and (almost) nothing the evaluation missed
-    if top > 0:
-        steps = int(base.get("steps", 20)) * steps_factor
-        restarts = int(base.get("restarts", 1)) * restarts_factor
-        label = f"{base_name} with {steps} steps x {restarts} restart(s)"
-        stronger = measure(_pgd(**{**base, "steps": steps, "restarts": restarts}), top)
-        strong_acc = acc(stronger)
-        checks.append(check(
-            "more_steps_do_not_raise_accuracy", "more steps or restarts do not raise accuracy",
-            strong_acc <= base_acc[top] + on_probe,
-            f"eps={format_eps(top)}, {n} examples: {base_name} {pct(base_acc[top])}, {label} {pct(strong_acc)}",
-            "a randomised model or defence: each forward pass differs, so more iterations land on lucky draws. "
-            "Average gradients over the randomness (EOT, Athalye et al. 2018) and report the worst case."))
-        unbroken = torch.stack(list(correct[top].values())).all(dim=0) if correct[top] else clean
-        missed = int((unbroken & ~stronger).sum())
-        checks.append(check(
-            "attack_converged", "a stronger PGD breaks (almost) nothing that every evaluation attack missed",
-            missed <= on_probe * n,
-            f"eps={format_eps(top)}, {n} examples: {label} broke {missed} example(s) no evaluation attack broke "
-            f"(any attack {pct(acc(unbroken))}, {label} {pct(strong_acc)})",
-            "the evaluation attacks are too weak or have not converged, so the robust accuracy reported is too "
-            "high: raise evaluation.attacks.pgd.steps and restarts, or add attack=autoattack (Carlini et al. "
-            "2019: run attacks until they converge)."))
 
-    return {"verdict": "warn" if any(c["verdict"] == "warn" for c in checks) else "pass", "num_examples": n,
-            "checks": checks}
+def stronger_probe(evidence: Evidence, probe: Probe) -> Stronger:
+    """The probe PGD with ``steps_factor`` x its steps and ``restarts_factor`` x its restarts, at the largest eps."""
+    steps = int(probe.settings.get("steps", 20)) * evidence.steps_factor
+    restarts = int(probe.settings.get("restarts", 1)) * evidence.restarts_factor
+    attack = _pgd(**{**probe.settings, "steps": steps, "restarts": restarts})
+    return Stronger(f"{probe.name} with {steps} steps x {restarts} restart(s)", evidence.measure(attack, evidence.top))
+
+
+def more_steps_do_not_raise_accuracy(evidence: Evidence, probe: Probe, stronger: Stronger) -> dict[str, Any]:
+    """More steps and restarts never give a higher accuracy."""
+    strong_acc = accuracy(stronger.correct)
+    return check(
+        "more_steps_do_not_raise_accuracy", "more steps or restarts do not raise accuracy",
+        strong_acc <= probe.at_top + evidence.on_probe,
+        f"eps={format_eps(evidence.top)}, {evidence.n} examples: {probe.name} {pct(probe.at_top)}, "
+        f"{stronger.label} {pct(strong_acc)}",
+        "a randomised model or defence: each forward pass differs, so more iterations land on lucky draws. "
+        "Average gradients over the randomness (EOT, Athalye et al. 2018) and report the worst case.")
+
+
+def attack_converged(evidence: Evidence, probe: Probe, stronger: Stronger) -> dict[str, Any]:
+    """The stronger PGD breaks (almost) nothing that every evaluation attack missed."""
+    outcomes = evidence.correct[evidence.top]
+    unbroken = torch.stack(list(outcomes.values())).all(dim=0) if outcomes else evidence.clean
+    missed = int((unbroken & ~stronger.correct).sum())
+    label = stronger.label
+    return check(
+        "attack_converged", "a stronger PGD breaks (almost) nothing that every evaluation attack missed",
+        missed <= evidence.on_probe * evidence.n,
+        f"eps={format_eps(evidence.top)}, {evidence.n} examples: {label} broke {missed} example(s) no evaluation "
+        f"attack broke (any attack {pct(accuracy(unbroken))}, {label} {pct(accuracy(stronger.correct))})",
+        "the evaluation attacks are too weak or have not converged, so the robust accuracy reported is too "
+        "high: raise evaluation.attacks.pgd.steps and restarts, or add attack=autoattack (Carlini et al. "
+        "2019: run attacks until they converge).")
 
 
 def _pgd(**kwargs: Any) -> attacks.Attack:

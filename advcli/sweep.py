@@ -1,17 +1,13 @@
-"""Sweeps: one summary per Hydra multirun, and ``advcli summarize PATH`` to rebuild it after the fact.
+"""Sweeps (Hydra multirun): each job's folder and records, finding a sweep's runs, and the callback that writes
+the summary (`advcli.summary`) when the sweep ends; ``advcli summarize PATH`` rebuilds it after the fact.
 
 ``advcli train -m eps=2/255,4/255,8/255 attack=fgsm,pgd`` runs one job per combination, each in its own
-sub-directory of the sweep directory (``outputs/multirun/DATE/TIME/N``) with its checkpoint and
-``metrics.json``. When the sweep ends, `SweepSummary` (a Hydra callback registered in ``train.yaml``)
-writes three files in the sweep directory and prints the table:
+folder of the sweep directory, named by its settings (``outputs/multirun/DATE/TIME/attack=pgd,eps=8_255``,
+see `job_dir`), with its checkpoint and ``metrics.json``. Running the same command again in the same sweep
+directory finds each job's earlier work there, whatever the job's number.
 
-- ``summary.csv``: one row per job with its overrides, clean and robust accuracy per evaluation
-  attack (fractions, exactly as in the job's metrics.json), training time, status and error line;
-- ``summary.md``: the same as a readable table (also what the terminal shows);
-- ``summary.png``: clean and robust accuracy against eps, one line per training attack.
-
-A job that failed (see `advcli.errors.run_guarded`: in a sweep it records ``failed.json`` and returns)
-appears as ``failed`` with its error line. Rows come only from this sweep's jobs: the callback writes a
+A job that fails records ``failed.json`` (`record_failure`) and returns, so the sweep goes on; the summary
+shows it as ``failed`` with its error line. Rows come only from this sweep's jobs: the callback writes a
 sweep id to ``sweep.json`` when the sweep starts and to each job's ``job.json`` when the job starts, so
 job directories left in a reused sweep directory by an earlier sweep, and results older than the job
 that now owns the directory, are left out.
@@ -19,14 +15,11 @@ that now owns the directory, are left out.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
 import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -36,34 +29,39 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from advcli.config import choice_name
-from advcli.errors import FAILED_FILE, UserError, one_paragraph
+from advcli.errors import SweepError, UserError, one_paragraph
+from advcli.summary import SUMMARY_FILES, write_summary
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"     # in the sweep directory: the sweep's id and start/end times
 JOB_FILE = "job.json"         # in each job directory: the id of the sweep the job belongs to
 METRICS_FILE = "metrics.json"
-SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
-IDENTITY = ("dataset", "model", "attack", "eps")  # always known per job; never repeated as override columns
+FAILED_FILE = "failed.json"   # what a failed job leaves in its directory
 
 
-class SweepError(UserError):
-    """A path given to ``advcli summarize`` holds no runs, or a summary cannot be written."""
 
-
-def job_dir(override_dirname: str) -> str:
-    """A sweep job's folder name from its settings (Hydra's ``override_dirname``, e.g. ``attack=pgd,eps=8/255``):
-    the same settings give the same folder whatever the job's number, so a re-run sweep finds its jobs' work.
-    Characters a path cannot hold (``/``) become ``_``; a name too long for a file system keeps its start and
-    a hash of the whole."""
-    name = "".join(c if c.isalnum() or c in "._=,+@-[]" else "_" for c in override_dirname) or "defaults"
+def job_dir(job_overrides: Sequence[str], sweep_dir: str) -> str:
+    """A sweep job's folder name from its values of the swept settings (``attack=pgd,eps=8_255``), read from the
+    sweep's command line in ``sweep.json``: the same settings give the same folder whatever the job's number, so
+    a re-run sweep finds its jobs' work (and a folder holding a run with other settings is refused, not reused:
+    `advcli.checkpoint.check_same_run`). Without ``sweep.json`` every override names the folder. Characters a
+    path cannot hold (``/``) become ``_``; a name too long for a file system keeps its start and a hash."""
+    swept = (_read_json(Path(sweep_dir) / SWEEP_FILE) or {}).get("swept")
+    items = sorted(text for text in map(str, job_overrides) if swept is None or text.split("=", 1)[0] in swept)
+    whole = ",".join(items)
+    name = "".join(c if c.isalnum() or c in "._=,+@-[]" else "_" for c in whole) or "job"
     if len(name) > 120:
-        name = f"{name[:100]}...{hashlib.sha256(override_dirname.encode()).hexdigest()[:12]}"
+        name = f"{name[:100]}...{hashlib.sha256(whole.encode()).hexdigest()[:12]}"
     return name
 
 
-# ${advcli.job_dir:...} in train.yaml's hydra.sweep.subdir; registered on import (advcli.train imports this module)
-OmegaConf.register_new_resolver("advcli.job_dir", job_dir, replace=True)
+def swept_keys(command_line: Sequence[str]) -> list[str]:
+    """The keys a multirun's command line sweeps over (``eps=0.1,0.2`` and ``range(...)``, not ``eps=0.1``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(command_line))
+    return [o.get_key_element() for o in overrides if o.is_sweep_override()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,186 +214,46 @@ def summarize(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Columns and writers
+# A failed job
 
 
-def attack_names(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Evaluation attacks in the order the runs report them (clean first, ``any_attack`` last)."""
-    names: list[str] = []
-    for row in rows:
-        for key in row:
-            if key.endswith("_acc") and key[:-4] not in names:
-                names.append(key[:-4])
-    names.sort(key=lambda name: (name != "clean", name.startswith("any_attack")))
-    return names
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def override_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Override keys across rows, in command-line order, except those shown as identity columns."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [key for key in row["overrides"] if key not in keys and key not in IDENTITY]
-    return keys
+def record_failure(error: Exception, *, debug: bool = False, sweep_goes_on: bool = True) -> dict:
+    """Write the job's ``failed.json`` (one-line error, exception type) and report the error.
 
-
-def csv_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return (["job", "status", *IDENTITY, "eps_value", *override_keys(rows), *[f"{n}_acc" for n in attack_names(rows)],
-             "train_time_s", "eval_time_s", "error_type", "error", "dir"])
-
-
-def _cell(row: dict[str, Any], column: str) -> Any:
-    """A row's value for ``column``: its own field, else the override of that name ("" when neither)."""
-    value = row[column] if column in row else row["overrides"].get(column)
-    return "" if value is None else value
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Every column, numbers as Python writes them (they read back equal to metrics.json's)."""
-    columns = csv_columns(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({column: _cell(row, column) for column in columns})
-    path.write_text(buffer.getvalue())
-
-
-def _percent(value: Any) -> str:
-    return "-" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.2f}"
-
-
-def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
-    """The human table (markdown, padded so it reads in a terminal too) and the settings common to all rows.
-
-    Columns that hold the same value in every row (dataset, model, fixed overrides) move out of the table
-    into the returned ``key=value`` list; eps and the training attack always stay.
+    The paragraph goes to stderr like a single run's; the traceback of anything but a UserError (a bug,
+    or any error with ``debug=true``) goes to the job's log, so a sweep's summary can point at it.
     """
-    common_text, varying = [], []
-    for key in ["dataset", "model", *override_keys(rows)]:
-        values = list(dict.fromkeys(str(_cell(row, key)) for row in rows))
-        if len(values) == 1 and values[0] != "":  # the same in every row (a blank cell: not overridden there)
-            common_text.append(f"{key}={values[0]}")
-        elif values != [""]:
-            varying.append(key)
-    names = attack_names(rows)
-    header = ["job", "status", "attack", "eps", *varying, *[n.replace("_", " ") + " %" for n in names], "train s"]
-    body = []
-    for row in rows:
-        body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
-                     *[str(_cell(row, key)) for key in varying], *[_percent(row.get(f"{n}_acc")) for n in names],
-                     "-" if row.get("train_time_s") is None else f"{row['train_time_s']:.1f}"])
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    numeric = {i for i, title in enumerate(header) if title.endswith("%") or title in ("job", "train s")}
+    from hydra.core.hydra_config import HydraConfig
 
-    def fmt(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(header), rule, *map(fmt, body)]), common_text
+    hydra_cfg = HydraConfig.get()
+    user_error = isinstance(error, UserError)
+    record = {"error": one_paragraph(error), "type": type(error).__name__, "user_error": user_error,
+              "job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task), "time": time.time()}
+    folder = Path(hydra_cfg.runtime.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    where = "" if user_error else f"{type(error).__name__}: "
+    log.error("job %s failed: %s%s", hydra_cfg.job.num, where, record["error"],
+              exc_info=error if debug or not user_error else None)
+    then = "the sweep goes on" if sweep_goes_on else "the sweep stops"
+    print(f"advcli: error: {where}{record['error']} (job {hydra_cfg.job.num} failed; recorded in "
+          f"{folder / FAILED_FILE}; {then})", file=sys.stderr, flush=True)
+    return record
 
 
-def format_duration(seconds: float) -> str:
-    """``42 s``, ``7.3 min``, ``2.5 h``."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
-    """summary.md's text: the table, what all jobs shared, the failed jobs' errors, the sweep's wall time."""
-    text, common = table(rows)
-    failed = [row for row in rows if row["status"] != "ok"]
-    lines = ["# Sweep summary", ""]
-    tally = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "missing")}
-    counts = ", ".join([f"{len(rows)} job{'s' if len(rows) != 1 else ''}", f"{tally['ok']} ok"]
-                       + [f"{tally['failed']} failed"] * bool(tally["failed"])
-                       + [f"{tally['missing']} without results"] * bool(tally["missing"]))
-    if sweep and sweep.get("wall_time_s") is not None:
-        counts += f"; sweep wall time {format_duration(sweep['wall_time_s'])}"
-    lines.append(counts + ".")
-    if common:
-        lines.append(f"All jobs: {' '.join(common)}.")
-    names = [n for n in attack_names(rows) if n not in ("clean", "any_attack")]
-    lines += ["", text, "",
-              f"Accuracy in % on the test set: clean, and under each evaluation attack ({', '.join(names)}); "
-              "`any attack` counts an example as robust only if every attack failed. `train s`: training time."]
-    if failed:
-        lines += ["", "Failed or unfinished jobs:" if tally["missing"] else "Failed jobs:", ""]
-        shared = {item.split("=", 1)[0] for item in common}
-        for row in failed:
-            settings = " ".join(f"{k}={v}" for k, v in row["overrides"].items() if k not in shared)
-            kind = f"{row['error_type']}: " if row["error_type"] and not row["user_error"] else ""
-            lines.append(f"- job {_cell(row, 'job')} ({settings or row['dir']}): {kind}{row['error']}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """summary.png: clean (dashed) and robust (solid, worst case over the evaluation attacks) accuracy
-    against eps, one colour per training attack (and per value of any other swept setting).
-
-    Uses matplotlib's object API with the Agg canvas, so no global backend is switched. Returns False
-    (and writes nothing) when no finished job has a numeric eps.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    done = [r for r in rows if r["status"] == "ok" and isinstance(r.get("eps_value"), (int, float))]
-    if not done:
-        return False
-    names = attack_names(done)
-    robust = "any_attack" if "any_attack" in names else ([n for n in names if n != "clean"] or ["clean"])[-1]
-    attacked = [n for n in names if n not in ("clean", "any_attack")]
-    _, common = table(done)
-    fixed = {text.split("=", 1)[0] for text in common}
-    group_keys = ["attack"] + [k for k in ["dataset", "model", *override_keys(done)] if k not in fixed]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in done:
-        label = " ".join([str(_cell(row, "attack"))] + [f"{k}={_cell(row, k)}" for k in group_keys[1:]])
-        groups.setdefault(label, []).append(row)
-
-    fig = Figure(figsize=(6.4, 3.8), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    colours = [f"C{i}" for i in range(10)]
-    for i, (label, group) in enumerate(sorted(groups.items())):
-        group.sort(key=lambda r: r["eps_value"])
-        x = [r["eps_value"] for r in group]
-        colour = colours[i % len(colours)]
-        for name, style, what in (("clean", "--o", "clean"), (robust, "-s", "robust")):
-            y = [100 * r[f"{name}_acc"] if isinstance(r.get(f"{name}_acc"), (int, float)) else math.nan for r in group]
-            ax.plot(x, y, style, color=colour, ms=4, label=f"trained {label}: {what}")
-    ticks = sorted({r["eps_value"]: str(r["eps"]) for r in done}.items())
-    ax.set_xticks([t for t, _ in ticks], [text for _, text in ticks])
-    ax.set_xlabel("eps (train and test)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    what = f"robust = worst case over {', '.join(attacked)}" if robust == "any_attack" else f"robust = {robust}"
-    settings = textwrap.wrap(" ".join(common), width=90, max_lines=2, placeholder=" ...")
-    ax.set_title("\n".join([*settings, what]), fontsize=7)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
-
-
-def write_summary(rows: Sequence[dict[str, Any]], folder: Path, sweep: dict | None = None) -> str:
-    """Write summary.csv, summary.md and summary.png into ``folder``; returns summary.md's text."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_csv(rows, folder / "summary.csv")
-        text = describe(rows, sweep)
-        plotted = plot(rows, folder / "summary.png")
-        if not plotted and (folder / "summary.png").exists():
-            (folder / "summary.png").unlink()  # an earlier summary's plot would not match this table
-        (folder / "summary.md").write_text(text + ("\n![clean and robust accuracy against eps](summary.png)\n"
-                                                   if plotted else ""))
-    except OSError as error:
-        raise SweepError(f"The summary cannot be written to {folder} ({error.strerror or error}). "
-                         "Pass another folder with advcli summarize --out DIR PATH ...") from None
-    return text
+def failed_result(record: dict) -> dict:
+    """What a failed sweep job returns in place of its metrics: the error and NaN accuracies, so the
+    entry point's objective (``metrics["test"][...]["acc"]``) is NaN and a sweeper can tell it apart."""
+    nan = float("nan")
+    return {"failed": record, "test": {"clean": {"acc": nan, "loss": nan}, "pgd": {"acc": nan, "loss": nan}}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,8 +277,10 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.sweep_id = uuid.uuid4().hex
+        command_line = list(config.hydra.overrides.task)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(
-            {"id": self.sweep_id, "started": time.time(), "overrides": list(config.hydra.overrides.task)}, indent=2))
+            {"id": self.sweep_id, "started": time.time(), "overrides": command_line,
+             "swept": swept_keys(command_line)}, indent=2))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _in_multirun(config):
@@ -445,68 +305,13 @@ class SweepSummary(Callback):
         print(f"\n{text}\nwrote {', '.join(SUMMARY_FILES)} in {sweep_dir}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# advcli summarize
+def run_summarize(paths: list[Path], out: Path | None = None) -> str:
+    """``advcli summarize``: summarize ``paths``, write the files (into ``out``, else `summary_folder`), return
+    the text to print."""
+    from advcli.summary import summary_folder
 
-USAGE = """usage: advcli summarize [--out DIR] PATH [PATH ...]
-
-Rebuild a sweep's summary (summary.csv, summary.md, summary.png) and print its table. PATH is a sweep
-directory (outputs/multirun/DATE/TIME: one row per job of that sweep, failed jobs included) or a run
-directory (outputs/DATE/TIME, with a metrics.json); several run directories make one table. The files
-go to the sweep directory, or for several paths to their common parent folder, or to --out DIR.
-
-examples:
-  advcli summarize outputs/multirun/2026-11-25/03-00-00
-  advcli summarize --out results/eps outputs/2026-11-25/10-*"""
-
-
-def summary_folder(paths: Sequence[Path]) -> Path:
-    """Where the files go by default: the one path given, else the deepest folder holding all of them."""
-    if len(paths) == 1:
-        return paths[0]
-    resolved = [p.resolve() for p in paths]
-    common = resolved[0].parent
-    while not all(common in p.parents for p in resolved):
-        common = common.parent
-    return common
-
-
-def run_summarize(args: Sequence[str]) -> str:
-    """``advcli summarize [--out DIR] PATH...``: summarize, write the files, return the printed text."""
-    args = list(args)
-    out = None
-    if "--out" in args or "-o" in args:
-        at = args.index("--out") if "--out" in args else args.index("-o")
-        if at + 1 >= len(args):
-            raise SweepError("--out needs a folder: advcli summarize --out DIR PATH ...")
-        out = Path(args.pop(at + 1))
-        args.pop(at)
-    unknown = [a for a in args if a.startswith("-")]
-    if unknown:
-        raise SweepError(f"unknown option {unknown[0]}; the only option is --out DIR. See advcli summarize --help.")
-    if not args:
-        raise SweepError("no PATH given: pass a sweep directory (outputs/multirun/DATE/TIME) or run directories; "
-                         "see advcli summarize --help.")
-    paths = [Path(a) for a in args]
     rows = summarize(paths)
     sweep = _read_json(paths[0] / SWEEP_FILE) if len(paths) == 1 else None
     folder = out or summary_folder(paths)
     text = write_summary(rows, folder, sweep)
     return f"{text}\nwrote {', '.join(SUMMARY_FILES)} in {folder}"
-
-
-def main() -> None:
-    """Entry point of ``advcli summarize`` (argv as `advcli.cli` leaves it: the command, then the paths)."""
-    args = sys.argv[1:]
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        sys.exit(0)
-    try:
-        print(run_summarize(args))
-    except UserError as error:
-        print(f"advcli: error: {one_paragraph(error)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

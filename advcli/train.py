@@ -24,22 +24,20 @@ import itertools
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from advcli import attacks, checkpoint, config, data, distributed, report, runtime, sweep  # noqa: F401 (sweep: resolver)
+from advcli import attacks, checkpoint, config, data, distributed, paths, report, runtime
 from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
-from advcli.errors import ConfigError, Interrupted, run_guarded
-from advcli.evaluate import evaluate, evaluate_model, evaluation_attack_configs
+from advcli.errors import ConfigError
+from advcli.guards import StopRequests, never_robust, overfitting
+from advcli.evaluate import eval_settings, evaluate, evaluate_model, evaluation_attack_configs
 from advcli.models import uses_batchnorm
 
 log = logging.getLogger(__name__)
@@ -136,7 +134,7 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
     """Data, model, optimiser and schedule, on this rank's device."""
     if not ranks.is_main:  # one log, from rank 0
         logging.getLogger().setLevel(logging.WARNING)
-    out = distributed.same_on_all_ranks(config.output_dir(cfg) if ranks.is_main else None)
+    out = distributed.same_on_all_ranks(paths.output_dir(cfg) if ranks.is_main else None)
     amp_dtype = runtime.resolve_amp(cfg.amp, device)
     s, info = choices.settings, choices.info
     log.info("device %s, %s, eps %s (%s), run directory %s%s", device, runtime.describe_precision(amp_dtype),
@@ -184,59 +182,28 @@ class TrainingState:
         return self.epoch >= cfg.epochs or ended
 
 
-def resume_point(cfg: DictConfig, ckpt_path: Path) -> Path | None:
-    """The checkpoint to continue from: ``resume=PATH``; with ``resume=auto`` the run directory's own
-    checkpoint.pt if there is one (running a command again continues it); ``resume=never``: none."""
-    if cfg.resume in (None, False, "never"):
-        return None
-    if cfg.resume == "auto":
-        return ckpt_path if ckpt_path.is_file() else None
-    return Path(str(cfg.resume))
-
-
 def resume(run: Run) -> TrainingState:
     """The state of the checkpoint this run continues, loaded into the run's objects; a fresh state if none."""
-    path = resume_point(run.cfg, run.out / "checkpoint.pt")
+    path = checkpoint.resume_point(run.cfg.resume, run.out / "checkpoint.pt")
     if path is None:
         return TrainingState()
     payload = checkpoint.load(path)
     checkpoint.check_same_run(payload, path, run.fingerprint)
-    check_new_length(run.cfg, payload, path)
+    checkpoint.check_new_length(payload, path, epochs=run.cfg.epochs, lr_schedule=run.cfg.lr_schedule)
     checkpoint.restore_training(payload, path, model=run.model, optimizer=run.opt.optimizer,
                                 scheduler=run.opt.scheduler, scaler=run.opt.scaler)
     # a changed number of epochs: what is left of the schedule stretches to the new length, without a jump
     run.opt.scheduler.lr_lambdas[0].stretch(run.opt.scheduler.last_epoch, run.cfg.epochs * run.steps_per_epoch)
-    restore_rank_rng(payload["rng"], run.ranks, seed=run.cfg.seed + payload["epoch"])
+    if not checkpoint.restore_rank_rng(payload["rng"], run.ranks.rank, run.ranks.world):
+        log.warning("the checkpoint was written by %d process(es), this run has %d: the random draws from here on "
+                    "differ from those of an unbroken run", len(payload["rng"]), run.ranks.world)
+        torch.manual_seed(run.cfg.seed + payload["epoch"] + 1_000_003 * run.ranks.rank)
     state = TrainingState(epoch=payload["epoch"], history=list(payload["history"]),
                           best_score=payload["best_score"], stopped=payload["stopped"],
                           partial=EpochProgress(**payload["partial"]) if payload.get("partial") else None)
     where = f"epoch {state.epoch + 1}, batch {state.partial.batches}" if state.partial else f"the end of epoch {state.epoch}"
     log.info("resuming from %s at %s", path, where)
     return state
-
-
-def check_new_length(cfg: DictConfig, payload: dict[str, Any], path: Path) -> None:
-    """A resumed run may change its number of epochs, but not below what it trained, nor past a schedule's end."""
-    trained, planned = payload["epoch"], payload["fingerprint"]["epochs"]
-    if trained > cfg.epochs:
-        raise ConfigError(f"epochs={cfg.epochs}, but the run in {path} already trained {trained} epochs. Pass "
-                          f"epochs={trained} or more to continue it, or resume=never to start over.")
-    if cfg.epochs > planned and trained == planned and cfg.lr_schedule != "constant":
-        raise ConfigError(
-            f"epochs={cfg.epochs}: the run in {path} finished its {planned} epochs, and its schedule "
-            f"(lr_schedule={cfg.lr_schedule}) has already brought the learning rate down to 0, so more epochs would "
-            f"train at lr 0. Start a new run with epochs={cfg.epochs} (resume=never, or another directory); a run "
-            "that is stopped before its end can be given more epochs.")
-
-
-def restore_rank_rng(saved: list[dict[str, Any]], ranks: distributed.Ranks, *, seed: int) -> None:
-    """Each rank takes back its own generator states, so a resumed run draws what the unbroken one would."""
-    if len(saved) == ranks.world:
-        checkpoint.restore_rng(saved[ranks.rank])
-        return
-    log.warning("the checkpoint was written by %d process(es), this run has %d: the random draws from here on "
-                "differ from those of an unbroken run", len(saved), ranks.world)
-    torch.manual_seed(seed + 1_000_003 * ranks.rank)
 
 
 def snapshot(run: Run, state: TrainingState, progress: EpochProgress | None = None) -> dict[str, Any]:
@@ -257,48 +224,6 @@ def save(run: Run, path: Path, payload: dict[str, Any]) -> None:
 
 
 # --- 3. fit ----------------------------------------------------------------------------------------------
-
-class StopRequests:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current batch (a second
-    Ctrl-C stops at once). Signal handlers can only be set from the main thread; elsewhere (some
-    Hydra launchers) this does nothing and the default handlers stay."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: finishing this batch and saving a checkpoint (Ctrl-C again to stop at once)",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def poll(self, ranks: distributed.Ranks, device: torch.device, every: int) -> Callable[..., bool]:
-        """``should_stop(now=False)``. Under torchrun every rank must stop after the same batch, so the ranks
-        agree (a collective, and on CUDA a host sync) every ``every`` batches, and whenever ``now``."""
-        polls = itertools.count(1)
-
-        def should_stop(now: bool = False) -> bool:
-            if not ranks.enabled:
-                return self.signum is not None
-            return (now or next(polls) % every == 0) and distributed.any_rank(self.signum is not None, device)
-        return should_stop
-
-    def interrupted(self, message: str) -> Interrupted:
-        signum = self.signum or signal.SIGTERM  # a rank that got no signal stops because another did
-        return Interrupted(f"{signal.Signals(signum).name} {message}", signum)
-
 
 def epoch_batches(run: Run, epoch: int, partial: EpochProgress | None):
     """The epoch's batches, in an order that depends on (seed, epoch) only; a resumed epoch skips those done."""
@@ -381,49 +306,6 @@ def guard(run: Run, state: TrainingState) -> bool:
     return True
 
 
-def overfitting(history: list[dict[str, Any]], guard_cfg: Any) -> dict[str, Any] | None:
-    """Catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapsing while training goes on.
-
-    Returns what happened when the latest epoch's PGD accuracy fell more than ``guard_cfg.drop`` (absolute)
-    below the best so far, else None; logs a warning saying what the guard does about it.
-    """
-    scores = [entry["val_pgd_acc"] for entry in history if "val_pgd_acc" in entry]
-    if guard_cfg.action == "off" or len(scores) < 2:
-        return None
-    best = max(scores)
-    if best - scores[-1] <= guard_cfg.drop:
-        return None
-    best_epoch = next(entry["epoch"] for entry in history if entry.get("val_pgd_acc") == best)
-    action = {"rollback": f"rolling back to epoch {best_epoch} (best.pt) and stopping",
-              "stop": "stopping with the last weights", "warn": "going on (overfit_guard.action=warn)"}[guard_cfg.action]
-    log.warning("catastrophic overfitting: held-out PGD accuracy fell from %.2f%% (epoch %d) to %.2f%% (epoch %d); %s",
-                100 * best, best_epoch, 100 * scores[-1], history[-1]["epoch"], action)
-    return {"triggered": True, "epoch": history[-1]["epoch"], "best_epoch": best_epoch, "best_val_pgd_acc": best,
-            "val_pgd_acc": scores[-1], "action": guard_cfg.action}
-
-
-def never_robust(history: list[dict[str, Any]], attack: str, *, floor: float = 0.05,
-                 adversarial_class: bool = False) -> str | None:
-    """A warning when adversarial training never bought held-out robustness: PGD accuracy at or below ``floor``
-    in every epoch while the model learned the clean task. `overfitting` cannot see this (nothing to fall from),
-    and it is how FGSM training that overfits from its first epochs looks."""
-    scores = [entry["val_pgd_acc"] for entry in history if "val_pgd_acc" in entry]
-    if attack == "none" or not scores or max(scores) > floor or history[-1].get("val_clean_acc", 0.0) < 0.5:
-        return None
-    if adversarial_class:  # trainer=adv_class: the flag stops the blind attack, and the adaptive one walks around it
-        message = (f"held-out PGD accuracy with rejection never rose above {100 * max(scores):.1f}% in {len(scores)} "
-                   f"epoch(s) (held-out clean {100 * history[-1]['val_clean_acc']:.1f}%): the adversarial-input output "
-                   "flags the training attack's inputs, but an adaptive attack that avoids the flag breaks the model "
-                   "(see the pgd_adaptive row). This is the known weakness of the defence, not a training failure.")
-    else:
-        message = (f"held-out PGD accuracy never rose above {100 * max(scores):.1f}% in {len(scores)} epoch(s) of "
-                   f"{attack} training (held-out clean {100 * history[-1]['val_clean_acc']:.1f}%): the training attack is "
-                   "not making the model robust (catastrophic overfitting from the start, or an eps this model and "
-                   "schedule cannot reach). Try attack=pgd, a lower lr, eps_warmup=1 or more epochs.")
-    log.warning(message)
-    return message
-
-
 # --- 4. evaluate and report ----------------------------------------------------------------------------
 
 def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str, Any]:
@@ -431,11 +313,10 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
     cfg, s, c = run.cfg, run.choices.settings, run.choices
     warning = never_robust(state.history, c.attack_name, adversarial_class=run.adversarial_class)
     eval_start = time.perf_counter()
-    found = evaluate_model(run.model, run.test_set, evaluation_attack_configs(cfg.evaluation, run.spec),
-                           adversarial_class=run.adversarial_class, eps_values=[(s.eps, s.eps_text)], norm=s.norm,
-                           batch_size=s.eval_batch_size, channels_last=run.channels_last, amp_dtype=run.eval_amp_dtype,
-                           sanity_cfg=cfg.evaluation.get("sanity"), progress=cfg.progress and run.ranks.is_main,
-                           desc="test", seed=int(cfg.evaluation.seed), ranks=run.ranks)
+    settings = eval_settings(cfg.evaluation, s, amp_dtype=run.eval_amp_dtype, channels_last=run.channels_last,
+                             adversarial_class=run.adversarial_class, progress=cfg.progress and run.ranks.is_main)
+    found = evaluate_model(run.model, run.test_set, evaluation_attack_configs(cfg.evaluation, run.spec), settings,
+                           run.ranks)
     train_time = sum(entry["time_s"] for entry in state.history)
     metrics = {
         "command": "train", "dataset": c.dataset.name, "model": run.spec["name"], "trainer": c.trainer_name,
@@ -471,16 +352,8 @@ def write_report(run: Run, metrics: dict[str, Any]) -> None:
         report.plot_training_curves(out / "training_curves.png", metrics["history"],
                                     title=f"{metrics['model']} on {metrics['dataset']}, {metrics['attack']} training, "
                                           f"eps={s.eps_text}")
-    print(results_text(metrics, s) + f"; wrote {out / 'metrics.json'}"
+    print(report.training_results(metrics) + f"; wrote {out / 'metrics.json'}"
           + (f" and {out / 'training_curves.png'}" if metrics["history"] else ""))
-
-
-def results_text(metrics: dict[str, Any], s: config.RunSettings) -> str:
-    how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
-    sanity = f"{report.sanity_table(metrics['sanity'])}\n" if metrics.get("sanity") else ""
-    return (f"\n{metrics['dataset']} / {metrics['model']}, trained with {how} for {metrics['epochs_trained']} epoch(s); "
-            f"test set ({metrics['num_test']} examples):\n{report.results_table(metrics['test'], eps=s.eps, norm=s.norm)}"
-            f"\n{sanity}train {metrics['train_time_s']:.1f}s, eval {metrics['eval_time_s']:.1f}s")
 
 
 def finished_results(run: Run) -> dict[str, Any] | None:
@@ -498,7 +371,7 @@ def finished_results(run: Run) -> dict[str, Any] | None:
     log.info("this run already finished in %s with the same settings: its results, not a new evaluation", run.out)
     if run.ranks.is_main:
         report.write_json(path, metrics)
-        print(results_text(metrics, run.choices.settings) + f"; results in {path}")
+        print(report.training_results(metrics) + f"; results in {path}")
     return metrics
 
 
@@ -508,25 +381,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as ``cfg`` says, checkpoint every epoch, evaluate on the test set; returns metrics.json's dict."""
     started = time.perf_counter()
     choices = check_settings(cfg)
-    ranks = distributed.from_environment()
-    device = distributed.start(ranks, runtime.resolve_device(cfg.device))
-    try:
+    with distributed.joined(runtime.resolve_device(cfg.device)) as (ranks, device):
         run = build_run(cfg, choices, ranks, device)
         state = resume(run)
         if state.done(cfg) and (results := finished_results(run)) is not None:
             return results
         fit(run, state)
         return final_evaluation(run, state, started)
-    finally:
-        distributed.stop()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="train")
-def main(cfg: DictConfig) -> float:
-    """Returns the final PGD robust accuracy, so Hydra sweepers can optimise it."""
-    metrics = run_guarded(train, cfg)
-    return metrics["test"].get("pgd", metrics["test"]["clean"])["acc"]
+if __name__ == "__main__":  # python -m advcli.train (and torchrun -m advcli.train): the same as advcli train
+    from advcli.cli import train_app
 
-
-if __name__ == "__main__":
-    main()
+    train_app()

@@ -12,25 +12,28 @@ standard model. ``advcli viz ckpt=PATH [compare=PATH2]`` writes, for the first t
 - ``large_eps.png``: targeted large-radius L2 PGD from one image towards every class.
 
 The computations (`saliency`, `image_correlation`, `pgd_losses`, `towards_each_class`) take plain tensors
-and are usable without Hydra; `draw_pictures` returns the arrays behind every picture.
+and are usable without Hydra; `draw_pictures` draws one picture per function (`draw_gallery`, ...) and
+returns the arrays behind every picture.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from advcli import attacks, checkpoint, config, data, runtime
+from advcli import attacks, checkpoint, config, data, paths, runtime
 from advcli.checkpoint import atomic_write
-from advcli.errors import ConfigError, run_guarded
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 # --- what the pictures show -----------------------------------------------------------------------
@@ -78,17 +81,156 @@ def default_large_eps(shape: torch.Size) -> float:
 
 # --- drawing --------------------------------------------------------------------------------------
 
-def _figure(width_in: float, height_in: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width_in, height_in), dpi=DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 DPI = 100
 CELL = 1.25  # inches per image cell
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How many test images the pictures show and how hard their attacks try."""
+
+    num_images: int = 8  # in the gallery and saliency pictures; the large-eps picture starts from the first
+    loss_examples: int = 500  # in the loss distribution
+    pgd_steps: int = 20  # the gallery's and the loss distribution's PGD
+    restarts: int = 3  # of that PGD (the loss distribution shows the best of them)
+    large_eps: float | None = None  # L2 radius of the large-eps picture (None: `default_large_eps`)
+    large_eps_steps: int = 100
+
+
+def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: float, norm: str, out: Path,
+                  settings: Settings = Settings(), class_names: list[str] | None = None,
+                  num_classes: int | None = None) -> dict[str, dict[str, Any]]:
+    """Write the four pictures for ``models`` (label -> model in eval mode, on the images' device) into
+    ``out``; return the arrays behind each picture, keyed by file stem.
+
+    ``num_classes``: the data's K (default: the first model's outputs). A model with K + 1 outputs
+    (``trainer=adv_class``) has an "adversarial input" flag as its last output; the gallery marks the
+    inputs it flags with ⚑ instead of ✗ (refused, not misclassified), and its PGD row is the adaptive
+    attack (``loss="rejection_margin"``), which must avoid the flag too.
+    """
+    x, y = next(data.batches(images.subset(slice(0, settings.num_images)), settings.num_images))
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = next(iter(models.values()))(x[:1]).shape[1]
+    names = [*(class_names or [str(k) for k in range(num_classes)]), "adv"]  # index K: the flag
+    arrays: dict[str, dict[str, Any]] = {}
+    figure, arrays["gallery"] = draw_gallery(models, x, y, names, eps=eps, norm=norm, settings=settings)
+    _save(figure, out / "gallery.png")
+    figure, arrays["saliency"] = draw_saliency(models, x, y, names)
+    _save(figure, out / "saliency.png")
+    figure, arrays["loss_distribution"] = draw_loss_distribution(models, images, eps=eps, norm=norm, settings=settings)
+    _save(figure, out / "loss_distribution.png")
+    figure, arrays["large_eps"] = draw_large_eps(models, x[0], names, settings=settings)
+    _save(figure, out / "large_eps.png")
+    return arrays
+
+
+def draw_gallery(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, names: list[str], *, eps: float,
+                 norm: str, settings: Settings) -> tuple[Figure, dict[str, Any]]:
+    """Per model, rows of clean, FGSM and PGD images (true and predicted labels) and the PGD change, scaled.
+
+    ``names``: the K class names, then the flag's (see `draw_pictures`)."""
+    num_images, num_classes, rows = len(y), len(names) - 1, 4 * len(models)
+    figure = _figure(num_images * CELL, rows * CELL)
+    axes = figure.subplots(rows, num_images, squeeze=False)
+    arrays: dict[str, Any] = {}
+    for m, (label, model) in enumerate(models.items()):
+        x_fgsm = attacks.fgsm(model, x, y, eps, norm=norm)
+        with torch.no_grad():
+            flags = model(x[:1]).shape[1] > num_classes
+        # against a model with the flag, the PGD row is the adaptive attack, which must avoid the flag too
+        x_pgd = attacks.pgd(model, x, y, eps, norm=norm, steps=settings.pgd_steps, restarts=settings.restarts,
+                            loss="rejection_margin" if flags else "ce")
+        delta = x_pgd - x
+        shown = 0.5 + delta / (2 * delta.abs().amax().clamp_min(1e-12))  # scaled so the largest change is visible
+        with torch.no_grad():
+            predictions = {name: model(v).argmax(1) for name, v in (("clean", x), ("FGSM", x_fgsm), ("PGD", x_pgd))}
+        arrays[label] = {"clean": x, "fgsm": x_fgsm, "pgd": x_pgd, "perturbation": shown,
+                         **{f"pred_{k.lower()}": v for k, v in predictions.items()}}
+        for i in range(num_images):
+            for r, (name, v) in enumerate((("clean", x), ("FGSM", x_fgsm), ("PGD", x_pgd))):
+                said = predictions[name][i]
+                mark = "" if said == y[i] else " ⚑" if said == num_classes else " ✗"
+                _show(axes[4 * m + r, i], v[i], f"true {names[y[i]]}, said {names[said]}{mark}")
+            _show(axes[4 * m + 3, i], shown[i])
+        for r, name in enumerate(("clean", "FGSM", "PGD, adaptive" if flags else "PGD", "PGD change\n(scaled)")):
+            axes[4 * m + r, 0].set_ylabel(f"{label}\n{name}", fontsize=7)
+    flagged = any(p.eq(num_classes).any() for found in arrays.values()
+                  for key, p in found.items() if key.startswith("pred_"))
+    figure.suptitle(f"eps={eps:.4g} ({norm}); ✗ = misclassified" + ("; ⚑ = flagged as adversarial" if flagged else ""),
+                    fontsize=9)
+    return figure, arrays
+
+
+def draw_saliency(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                  names: list[str]) -> tuple[Figure, dict[str, Any]]:
+    """The images, then one row of input-gradient maps per model, each with its correlation with the image."""
+    num_images, rows = len(y), 1 + len(models)
+    figure = _figure(num_images * CELL, rows * CELL)
+    axes = figure.subplots(rows, num_images, squeeze=False)
+    for i in range(num_images):
+        _show(axes[0, i], x[i], f"true {names[y[i]]}")
+    arrays: dict[str, Any] = {}
+    for m, (label, model) in enumerate(models.items(), start=1):
+        maps = saliency(model, x, y)
+        correlation = image_correlation(maps, x)
+        arrays[label] = {"maps": maps, "correlation": correlation}
+        for i in range(num_images):
+            limit = maps[i].abs().amax().clamp_min(1e-12).item()
+            _show(axes[m, i], maps[i], f"r={correlation[i]:.2f}", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        axes[m, 0].set_ylabel(label, fontsize=7)
+    figure.suptitle("input gradient of the loss (red: brighter raises the loss); r = corr(|gradient|, image)",
+                    fontsize=8)
+    return figure, arrays
+
+
+def draw_loss_distribution(models: dict[str, nn.Module], images: data.ImageSet, *, eps: float, norm: str,
+                           settings: Settings) -> tuple[Figure, dict[str, Any]]:
+    """Histograms of the per-example loss PGD reaches on the first ``settings.loss_examples`` images, overlaid."""
+    figure = _figure(6, 4)
+    ax = figure.add_subplot()
+    subset = images.subset(slice(0, settings.loss_examples))
+    arrays: dict[str, Any] = {}
+    for label, model in models.items():
+        losses = torch.cat([pgd_losses(model, xb, yb, eps, norm=norm, steps=settings.pgd_steps,
+                                       restarts=settings.restarts) for xb, yb in data.batches(subset, 500)])
+        arrays[label] = {"losses": losses}
+        ax.hist(losses.cpu().clamp_max(20).numpy(), bins=40, alpha=0.5,
+                label=f"{label}: median {losses.median():.2f}")
+    ax.set_xlabel(f"cross-entropy at PGD-{settings.pgd_steps}, best of {settings.restarts} restart(s) (clipped at 20)")
+    ax.set_ylabel("test examples")
+    ax.set_title(f"loss PGD reaches, eps={eps:.4g} ({norm}), {len(subset)} examples", fontsize=9)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure, arrays
+
+
+def draw_large_eps(models: dict[str, nn.Module], x: torch.Tensor, names: list[str], *,
+                   settings: Settings) -> tuple[Figure, dict[str, Any]]:
+    """Per model, one image ``x`` (C, H, W) moved by targeted large-radius L2 PGD towards each of the K classes
+    (``names``: the K class names, then the flag's), with the probability the model gives each target."""
+    num_classes = len(names) - 1
+    radius = settings.large_eps if settings.large_eps is not None else default_large_eps(x.shape)
+    figure = _figure((num_classes + 1) * CELL, len(models) * CELL)
+    axes = figure.subplots(len(models), num_classes + 1, squeeze=False)
+    arrays: dict[str, Any] = {}
+    for m, (label, model) in enumerate(models.items()):
+        moved = towards_each_class(model, x, radius, num_classes=num_classes, steps=settings.large_eps_steps)
+        with torch.no_grad():
+            reached = model(moved).softmax(1).diagonal()
+        arrays[label] = {"images": moved, "target_probability": reached}
+        _show(axes[m, 0], x, "start")
+        axes[m, 0].set_ylabel(label, fontsize=7)
+        for k in range(num_classes):
+            _show(axes[m, k + 1], moved[k], f"→{names[k]} p={reached[k]:.2f}")
+    figure.suptitle(f"targeted L2 PGD of radius {radius:.3g} towards each class", fontsize=9)
+    return figure, arrays
+
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    from matplotlib.figure import Figure  # here, not at the top: importing advcli.viz stays cheap
+
+    return Figure(figsize=(width_in, height_in), dpi=DPI)  # savefig needs no canvas attached
 
 
 def _show(ax, image: torch.Tensor, title: str = "", **style: Any) -> None:
@@ -104,117 +246,8 @@ def _show(ax, image: torch.Tensor, title: str = "", **style: Any) -> None:
         ax.set_title(title, fontsize=7)
 
 
-def _save(figure, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-
-
-def picture_size(rows: int, cols: int) -> tuple[int, int]:
-    """(width, height) in pixels of a grid picture of ``rows`` x ``cols`` cells."""
-    return round(cols * CELL * DPI), round(rows * CELL * DPI)
-
-
-def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: float, norm: str, out: Path,
-                  num_images: int = 8, large_eps: float | None = None, loss_examples: int = 500,
-                  pgd_steps: int = 20, restarts: int = 3, large_eps_steps: int = 100,
-                  class_names: list[str] | None = None, num_classes: int | None = None) -> dict[str, dict[str, Any]]:
-    """Write the four pictures for ``models`` (label -> model in eval mode, on the images' device) into
-    ``out``; return the arrays behind each picture, keyed by file stem.
-
-    ``num_classes``: the data's K (default: the first model's outputs). A model with K + 1 outputs
-    (``trainer=adv_class``) has an "adversarial input" flag as its last output; the gallery marks the
-    inputs it flags with ⚑ instead of ✗ (refused, not misclassified), and its PGD row is the adaptive
-    attack (``loss="rejection_margin"``), which must avoid the flag too.
-    """
-    x, y = next(data.batches(images.subset(slice(0, num_images)), num_images))
-    if num_classes is None:
-        with torch.no_grad():
-            num_classes = next(iter(models.values()))(x[:1]).shape[1]
-    names = [*(class_names or [str(k) for k in range(num_classes)]), "adv"]  # index K: the flag
-    arrays: dict[str, dict[str, Any]] = {"gallery": {}, "saliency": {}, "loss_distribution": {}, "large_eps": {}}
-
-    # gallery: per model, clean / FGSM / PGD / perturbation rows
-    rows = 4 * len(models)
-    figure = _figure(num_images * CELL, rows * CELL)
-    axes = figure.subplots(rows, num_images, squeeze=False)
-    for m, (label, model) in enumerate(models.items()):
-        x_fgsm = attacks.fgsm(model, x, y, eps, norm=norm)
-        with torch.no_grad():
-            flags = model(x[:1]).shape[1] > num_classes
-        # against a model with the flag, the PGD row is the adaptive attack, which must avoid the flag too
-        x_pgd = attacks.pgd(model, x, y, eps, norm=norm, steps=pgd_steps, restarts=restarts,
-                            loss="rejection_margin" if flags else "ce")
-        delta = x_pgd - x
-        shown = 0.5 + delta / (2 * delta.abs().amax().clamp_min(1e-12))  # scaled so the largest change is visible
-        with torch.no_grad():
-            predictions = {name: model(v).argmax(1) for name, v in (("clean", x), ("FGSM", x_fgsm), ("PGD", x_pgd))}
-        arrays["gallery"][label] = {"clean": x, "fgsm": x_fgsm, "pgd": x_pgd, "perturbation": shown,
-                                    **{f"pred_{k.lower()}": v for k, v in predictions.items()}}
-        for i in range(num_images):
-            for r, (name, v) in enumerate((("clean", x), ("FGSM", x_fgsm), ("PGD", x_pgd))):
-                said = predictions[name][i]
-                mark = "" if said == y[i] else " ⚑" if said == num_classes else " ✗"
-                _show(axes[4 * m + r, i], v[i], f"true {names[y[i]]}, said {names[predictions[name][i]]}{mark}")
-            _show(axes[4 * m + 3, i], shown[i])
-        pgd_name = "PGD, adaptive" if flags else "PGD"
-        for r, name in enumerate(("clean", "FGSM", pgd_name, "PGD change\n(scaled)")):
-            axes[4 * m + r, 0].set_ylabel(f"{label}\n{name}", fontsize=7)
-    flags = any(p.eq(num_classes).any() for found in arrays["gallery"].values()
-                for key, p in found.items() if key.startswith("pred_"))
-    figure.suptitle(f"eps={eps:.4g} ({norm}); ✗ = misclassified" + ("; ⚑ = flagged as adversarial" if flags else ""),
-                    fontsize=9)
-    _save(figure, out / "gallery.png")
-
-    # saliency: images, then one row of maps per model
-    rows = 1 + len(models)
-    figure = _figure(num_images * CELL, rows * CELL)
-    axes = figure.subplots(rows, num_images, squeeze=False)
-    for i in range(num_images):
-        _show(axes[0, i], x[i], f"true {names[y[i]]}")
-    for m, (label, model) in enumerate(models.items(), start=1):
-        maps = saliency(model, x, y)
-        correlation = image_correlation(maps, x)
-        arrays["saliency"][label] = {"maps": maps, "correlation": correlation}
-        for i in range(num_images):
-            limit = maps[i].abs().amax().clamp_min(1e-12).item()
-            _show(axes[m, i], maps[i], f"r={correlation[i]:.2f}", cmap="RdBu_r", vmin=-limit, vmax=limit)
-        axes[m, 0].set_ylabel(label, fontsize=7)
-    figure.suptitle("input gradient of the loss (red: brighter raises the loss); r = corr(|gradient|, image)",
-                    fontsize=8)
-    _save(figure, out / "saliency.png")
-
-    # loss distribution: the per-example loss PGD reaches, overlaid
-    figure = _figure(6, 4)
-    ax = figure.add_subplot()
-    subset = images.subset(slice(0, loss_examples))
-    for label, model in models.items():
-        losses = torch.cat([pgd_losses(model, xb, yb, eps, norm=norm, steps=pgd_steps, restarts=restarts)
-                            for xb, yb in data.batches(subset, 500)])
-        arrays["loss_distribution"][label] = {"losses": losses}
-        ax.hist(losses.cpu().clamp_max(20).numpy(), bins=40, alpha=0.5,
-                label=f"{label}: median {losses.median():.2f}")
-    ax.set_xlabel(f"cross-entropy at PGD-{pgd_steps}, best of {restarts} restart(s) (clipped at 20)")
-    ax.set_ylabel("test examples")
-    ax.set_title(f"loss PGD reaches, eps={eps:.4g} ({norm}), {len(subset)} examples", fontsize=9)
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    _save(figure, out / "loss_distribution.png")
-
-    # large eps: from the first image towards every class
-    radius = large_eps if large_eps is not None else default_large_eps(x[0].shape)
-    figure = _figure((num_classes + 1) * CELL, len(models) * CELL)
-    axes = figure.subplots(len(models), num_classes + 1, squeeze=False)
-    for m, (label, model) in enumerate(models.items()):
-        moved = towards_each_class(model, x[0], radius, num_classes=num_classes, steps=large_eps_steps)
-        with torch.no_grad():
-            reached = model(moved).softmax(1).diagonal()
-        arrays["large_eps"][label] = {"images": moved, "target_probability": reached}
-        _show(axes[m, 0], x[0], "start")
-        axes[m, 0].set_ylabel(label, fontsize=7)
-        for k in range(num_classes):
-            _show(axes[m, k + 1], moved[k], f"→{names[k]} p={reached[k]:.2f}")
-    figure.suptitle(f"targeted L2 PGD of radius {radius:.3g} towards each class", fontsize=9)
-    _save(figure, out / "large_eps.png")
-    return arrays
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -222,14 +255,10 @@ def draw_pictures(models: dict[str, nn.Module], images: data.ImageSet, *, eps: f
 def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     """``advcli viz``: load ``cfg.ckpt`` (and ``cfg.compare``), draw the pictures for the first test images."""
     started = time.perf_counter()
-    if cfg.ckpt is None:
-        raise ConfigError("No checkpoint given: pass ckpt=PATH (a checkpoint.pt from a run directory).")
-    paths = {"A": cfg.ckpt} if cfg.compare is None else {"A": cfg.ckpt, "B": cfg.compare}
-    payloads = {key: checkpoint.load(path) for key, path in paths.items()}
+    sources = {"A": cfg.ckpt} if cfg.compare is None else {"A": cfg.ckpt, "B": cfg.compare}
+    payloads = {key: checkpoint.load(path) for key, path in sources.items()}
     first = payloads["A"]
-    for key in ("eps", "norm"):
-        if cfg[key] is None:
-            cfg[key] = first["config"][key]
+    config.fill_from_training_run(cfg, first["config"], ("eps", "norm"))
     spec = first["model_spec"]
     dim = spec["in_channels"] * spec["image_size"] ** 2
     norm = config.require_choice("norm", cfg.norm, config.NORMS)
@@ -252,15 +281,15 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
         label = config.training_label(payload["config"])  # e.g. "pgd-trained", "adv_class (pgd)"
         if label in models:
             label = f"{label} ({key})"
-        models[label] = checkpoint.rebuild_model(payload, paths[key]).to(device).eval()
+        models[label] = checkpoint.rebuild_model(payload, sources[key]).to(device).eval()
     dataset = config.dataset_choice(first["config"]["dataset"])
     images = data.load_split(dataset.name, "test", root=config.data_root(cfg.data.root), download=cfg.data.download,
                              **dataset.options)
     images = images.subset(slice(0, max(cfg.num_images, cfg.loss_examples))).to(device)
-    out = config.output_dir(cfg)
-    arrays = draw_pictures(models, images, eps=eps, norm=norm, out=out, num_images=cfg.num_images,
-                           large_eps=large_eps,
-                           loss_examples=cfg.loss_examples, pgd_steps=cfg.pgd_steps, restarts=cfg.restarts,
+    out = paths.output_dir(cfg)
+    settings = Settings(num_images=cfg.num_images, loss_examples=cfg.loss_examples, pgd_steps=cfg.pgd_steps,
+                        restarts=cfg.restarts, large_eps=large_eps)
+    arrays = draw_pictures(models, images, eps=eps, norm=norm, out=out, settings=settings,
                            num_classes=spec["num_classes"])
     correlations = {label: float(a["correlation"].mean()) for label, a in arrays["saliency"].items()}
     medians = {label: float(a["losses"].median()) for label, a in arrays["loss_distribution"].items()}
@@ -272,15 +301,8 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     return {"out": str(out), "saliency_correlation": correlations, "median_pgd_loss": medians}
 
 
-@hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="viz")
-def hydra_main(cfg: DictConfig) -> None:
-    run_guarded(visualize_checkpoints, cfg)
 
+if __name__ == "__main__":  # python -m advcli.viz: the same as advcli viz
+    from advcli.cli import viz_app
 
-def main() -> Any:
-    """``advcli viz`` and ``python -m advcli.viz``."""
-    return hydra_main()
-
-
-if __name__ == "__main__":
-    main()
+    viz_app()

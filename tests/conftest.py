@@ -1,11 +1,12 @@
-"""Shared test set-up: the data root, a Hydra config composer, small fixed models, and tiny stand-ins of
-CIFAR-10, CIFAR-100 and SVHN in torchvision's on-disk formats."""
+"""Shared test set-up: the data root, a Hydra config composer, the `advcli` console script in a subprocess,
+small fixed models, and tiny stand-ins of CIFAR-10, CIFAR-100 and SVHN in torchvision's on-disk formats."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,25 @@ def compose_config(name: str, overrides: list[str]):
     """The config `advcli <name>` would run with these overrides (Hydra's compose API)."""
     with initialize_config_module(config_module="advcli.configs", version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
+
+
+def advcli_process_env(env: dict[str, str] | None) -> dict[str, str]:
+    # unbuffered, so that output written before a crash or a signal is not lost
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
+def run_advcli(*args: str, cwd=None, timeout: float = 300, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """`advcli ARGS` as a user types it, run from the repository root (or ``cwd``) to its end: exit status,
+    stdout and stderr as text. ``env``: variables set on top of this process's environment."""
+    return subprocess.run(["advcli", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
+                          env=advcli_process_env(env))
+
+
+def start_advcli(*args: str, cwd=None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`advcli ARGS` started and left running (to be stopped by a test), stdout and stderr piped as text."""
+    return subprocess.Popen(["advcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd or REPO, env=advcli_process_env(env))
 
 
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:

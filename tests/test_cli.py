@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
-
-
-def advcli(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["advcli", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout)
-
+from conftest import REPO, run_advcli
 
 TINY = ["dataset=synthetic", "model=mlp", "epochs=1", "device=cpu", "progress=false", "data.val_size=32",
         "evaluation.num_examples=64", "attack.steps=2", "evaluation.attacks.pgd.steps=3"]
@@ -24,36 +17,36 @@ TINY = ["dataset=synthetic", "model=mlp", "epochs=1", "device=cpu", "progress=fa
 @pytest.mark.slow
 def test_train_as_typed_parses_eps_and_evaluates_from_the_shell(tmp_path):
     run = tmp_path / "run"
-    result = advcli("train", "attack=pgd", "eps=8/255", *TINY, f"hydra.run.dir={run}")
+    result = run_advcli("train", "attack=pgd", "eps=8/255", *TINY, f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eps"] == pytest.approx(8 / 255) and metrics["eps_text"] == "8/255"
     assert "any attack" in result.stdout and "pgd" in result.stdout
     assert (run / "train.log").is_file()
 
-    evaluated = advcli("eval", f"ckpt={run / 'checkpoint.pt'}", "eps=0.2", "restarts=2", "device=cpu",
-                       "evaluation.num_examples=64", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}")
+    evaluated = run_advcli("eval", f"ckpt={run / 'checkpoint.pt'}", "eps=0.2", "restarts=2", "device=cpu",
+                           "evaluation.num_examples=64", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stderr
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["eps"] == pytest.approx(0.2) and again["test"]["pgd"]["restarts"] == 2
     assert again["test"]["clean"]["acc"] == metrics["test"]["clean"]["acc"]
 
-    pictures = advcli("viz", f"ckpt={run / 'checkpoint.pt'}", "device=cpu", "num_images=4", "loss_examples=32",
-                      "pgd_steps=3", f"hydra.run.dir={tmp_path / 'viz'}")
+    pictures = run_advcli("viz", f"ckpt={run / 'checkpoint.pt'}", "device=cpu", "num_images=4", "loss_examples=32",
+                          "pgd_steps=3", f"hydra.run.dir={tmp_path / 'viz'}")
     assert pictures.returncode == 0, pictures.stderr
     for name in ("gallery", "saliency", "loss_distribution", "large_eps"):
         assert (tmp_path / "viz" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
-    missing = advcli("viz", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path / 'viz2'}")
+    missing = run_advcli("viz", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path / 'viz2'}")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     for command in ("viz", "eval"):  # ckpt is `???` in their configs: a paragraph, not OmegaConf's traceback
-        unset = advcli(command, f"hydra.run.dir={tmp_path / command / 'unset'}")
+        unset = run_advcli(command, f"hydra.run.dir={tmp_path / command / 'unset'}")
         assert unset.returncode == 2 and "ckpt is required" in unset.stderr and "Traceback" not in unset.stderr
 
 
 @pytest.mark.parametrize("eps,fragment", [("8/0", "divides by zero"), ("-1", "negative"), ("abc", "not a number"),
                                           ("2", "larger than 1")])
 def test_bad_eps_is_one_paragraph_and_a_non_zero_exit(tmp_path, eps, fragment):
-    result = advcli("train", f"eps={eps}", *TINY, f"hydra.run.dir={tmp_path}")
+    result = run_advcli("train", f"eps={eps}", *TINY, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert fragment in result.stderr and "Traceback" not in result.stderr + result.stdout
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
@@ -62,37 +55,40 @@ def test_bad_eps_is_one_paragraph_and_a_non_zero_exit(tmp_path, eps, fragment):
 
 
 def test_unknown_group_choice_lists_the_valid_ones(tmp_path):
-    result = advcli("train", "model=resnet9000", f"hydra.run.dir={tmp_path}")
+    result = run_advcli("train", "model=resnet9000", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "cnn" in result.stderr and "preact_resnet18" in result.stderr
 
 
 def test_hydra_flags_pass_through():
-    shown = advcli("train", "--cfg", "job", "attack=fgsm", "eps=0.1", "restarts=3")
+    shown = run_advcli("train", "--cfg", "job", "attack=fgsm", "eps=0.1", "restarts=3")
     assert shown.returncode == 0, shown.stderr
     assert "advcli.attacks.fgsm" in shown.stdout and "restarts: 3" in shown.stdout
-    helped = advcli("train", "--help")
-    assert helped.returncode == 0 and "attack: none, fgsm, pgd" in helped.stdout.replace("\n", " ") or \
-        "attack" in helped.stdout
+    helped = run_advcli("train", "--help")  # Hydra's help: the config groups with every shipped choice, sorted
+    assert helped.returncode == 0, helped.stderr
+    groups = helped.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0].splitlines()
+    for group in ("attack", "dataset", "model", "trainer"):
+        shipped = sorted(path.stem for path in (REPO / "configs" / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(shipped)}" in groups, helped.stdout
 
 
 def test_usage_and_unknown_command():
-    assert "train" in advcli("--help").stdout
-    wrong = advcli("fly")
+    assert "train" in run_advcli("--help").stdout
+    wrong = run_advcli("fly")
     assert wrong.returncode == 2 and "unknown command" in wrong.stderr
 
 
 def test_missing_dataset_offline_names_the_folder_and_the_setting(tmp_path):
     empty = tmp_path / "nodata"
     empty.mkdir()
-    result = advcli("train", "dataset=fashion_mnist", f"data.root={empty}", "data.download=false", "device=cpu",
-                    f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_advcli("train", "dataset=fashion_mnist", f"data.root={empty}", "data.download=false", "device=cpu",
+                        f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(empty) in result.stderr and "ADVCLI_DATA" in result.stderr
 
 
 def test_eval_of_a_missing_checkpoint(tmp_path):
-    result = advcli("eval", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}")
+    result = run_advcli("eval", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 

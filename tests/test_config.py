@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from advcli import config, runtime
+from advcli import config, paths, runtime
 from advcli.errors import ConfigError
-from conftest import compose_config
+from conftest import compose_config, run_advcli
 
 
 @pytest.mark.parametrize("text,expected", [("8/255", 8 / 255), ("0.03137", 0.03137), ("0", 0.0), (0, 0.0),
@@ -50,14 +49,29 @@ def test_train_config_composes_with_every_group_and_eps_as_typed():
     assert cfg.attack.norm == "l2" and cfg.evaluation.attacks.fgsm.norm == "l2" and cfg.validation.attack.norm == "l2"
 
 
-@pytest.mark.parametrize("group,choices", [("model", {"mlp", "cnn", "preact_resnet18"}),
-                                           ("dataset", {"mnist", "fashion_mnist", "cifar10", "synthetic"}),
-                                           ("attack", {"none", "fgsm", "pgd"}),
-                                           ("trainer", {"standard", "trades", "adv_class"})])
+# the README's table of config groups; each choice: what the composed group must hold (by default its `name`)
+DOCUMENTED_CHOICES = {
+    "model": {"mlp": {}, "cnn": {}, "small_cnn": {}, "preact_resnet18": {}, "resnet18": {},
+              "wrn28_10": {"name": "wide_resnet", "depth": 28, "widen_factor": 10},  # one architecture, two sizes
+              "wrn34_10": {"name": "wide_resnet", "depth": 34, "widen_factor": 10}},
+    "dataset": {"mnist": {}, "fashion_mnist": {}, "cifar10": {}, "cifar100": {}, "svhn": {}, "synthetic": {}},
+    "attack": {"none": {"_target_": "advcli.attacks.none"}, "fgsm": {"_target_": "advcli.attacks.fgsm"},
+               "pgd": {"_target_": "advcli.attacks.pgd", "loss": "ce"},
+               "pgd_margin": {"_target_": "advcli.attacks.pgd", "loss": "margin"}},
+    "trainer": {"standard": {"_target_": "advcli.objectives.MinMax"},
+                "trades": {"_target_": "advcli.objectives.Trades"},
+                "adv_class": {"_target_": "advcli.objectives.AdversarialClass"}},
+    "optimizer": {"adam": {"_target_": "torch.optim.Adam"}, "sgd": {"_target_": "torch.optim.SGD"}},
+}
+
+
+@pytest.mark.parametrize("group,choices", DOCUMENTED_CHOICES.items(), ids=list(DOCUMENTED_CHOICES))
 def test_config_groups_offer_the_documented_choices(group, choices):
-    for choice in choices:
+    for choice, expected in choices.items():
         cfg = compose_config("train", [f"{group}={choice}"])
-        assert cfg[group] is not None
+        if group != "optimizer":  # optimizers are named by their _target_ only
+            expected = {"name": choice, **expected}
+        assert {key: cfg[group].get(key) for key in expected} == expected, f"{group}={choice}"
 
 
 def test_data_root_follows_the_environment(monkeypatch, tmp_path):
@@ -87,7 +101,7 @@ def test_unwritable_output_directory_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="cannot be written"):
-        config.check_writable(blocker / "run")
+        paths.check_writable(blocker / "run")
 
 
 def test_amp_auto_picks_bf16_only_where_the_cpu_has_it():
@@ -108,17 +122,6 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
         runtime.resolve_device("tpu")
 
 
-def advcli_train(*args: str, run_dir) -> "subprocess.CompletedProcess":
-    import os
-    import subprocess
-
-    from conftest import REPO
-
-    return subprocess.run(["advcli", "train", "dataset=synthetic", "model=mlp", "device=cpu", "progress=false",
-                           *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=REPO,
-                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-
-
 @pytest.mark.parametrize("overrides,fragment", [
     (["attack=fgsm", "restarts=3"], "attack.random_start=true"),          # restarts that would never happen
     (["attack=autoattack"], "evaluation attack"),                          # not a training attack
@@ -129,7 +132,8 @@ def advcli_train(*args: str, run_dir) -> "subprocess.CompletedProcess":
     (["+attack@evaluation.attacks.aa=autoattack", "dataset.num_classes=3"], "at least 4 classes"),
 ])
 def test_settings_that_cannot_do_what_they_say_are_refused_before_any_work(tmp_path, overrides, fragment):
-    result = advcli_train(*overrides, run_dir=tmp_path / "run")
+    result = run_advcli("train", "dataset=synthetic", "model=mlp", "device=cpu", "progress=false", *overrides,
+                        f"hydra.run.dir={tmp_path / 'run'}", env={"CUDA_VISIBLE_DEVICES": ""})
     errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
     assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -89,15 +89,11 @@ def test_shuffled_pass_visits_every_example_once(n, batch_size):
     assert torch.equal(torch.cat([decode_index(x) for x, _ in out]), seen)
 
 
-def test_drop_last_drops_only_the_partial_batch():
+def test_the_last_batch_holds_the_rest():
     data = indexed_set(103)
-    out = list(batches(data, 16, shuffle=True, generator=torch.Generator().manual_seed(1), drop_last=True))
-    assert len(out) == num_batches(103, 16, drop_last=True) == 6
-    assert all(len(y) == 16 for _, y in out)
-    seen = torch.cat([y for _, y in out])
-    assert len(seen.unique()) == 96
-    assert num_batches(96, 16, drop_last=True) == num_batches(96, 16) == 6
-    assert num_batches(0, 16) == 0
+    out = list(batches(data, 16, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    assert len(out) == num_batches(103, 16) == 7 and [len(y) for _, y in out][-1] == 103 - 6 * 16
+    assert num_batches(96, 16) == 6 and num_batches(0, 16) == 0
 
 
 def test_unshuffled_batches_are_in_order_and_exactly_images_over_255():

@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
-from advcli import attacks
-from advcli.attacks import MissingExtra, pgd
-from advcli.evaluate import attack_outcomes, eps_list_as_typed, evaluate, evaluate_checkpoint, evaluation_attacks
+from advcli.attacks import pgd
+from advcli.autoattack import autoattack
+from advcli.errors import MissingExtra
+from advcli.cli import eps_list_as_typed
+from advcli.evaluate import attack_outcomes, evaluate, evaluate_checkpoint, evaluation_attacks
 from advcli.train import train
 from conftest import TinyConvNet, compose_config, tiny_overrides
 from test_cli import advcli
@@ -156,7 +158,7 @@ def test_autoattack_breaks_at_least_what_pgd_breaks_and_stays_in_the_ball(tiny_b
     model = TinyConvNet(num_classes=4).eval()
     x, y, eps = tiny_batch[0][:16], tiny_batch[1][:16] % 4, 0.01  # some examples survive all four attacks
     state = torch.get_rng_state()
-    x_aa = attacks.autoattack(model, x, y, eps)
+    x_aa = autoattack(model, x, y, eps)
     assert torch.equal(torch.get_rng_state(), state), "AutoAttack's reseeding leaked into the caller's generator"
     assert ((x_aa - x).abs().amax() <= eps + 1e-6) and x_aa.min() >= 0 and x_aa.max() <= 1
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
@@ -185,7 +187,7 @@ def test_eval_attack_autoattack_adds_it_next_to_the_defaults(tmp_path, tiny_chec
 def test_missing_autoattack_extra_says_how_to_install_it(monkeypatch, tmp_path, tiny_checkpoint):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import fails as if it were not installed
     with pytest.raises(MissingExtra, match=r"pip install 'advcli\[autoattack\]'"):
-        attacks.autoattack(TinyConvNet(4), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1)
+        autoattack(TinyConvNet(4), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1)
     with pytest.raises(MissingExtra):  # in advcli eval: before any other attack runs
         evaluate_checkpoint(compose_config("eval", [f"ckpt={tiny_checkpoint}", "attack=autoattack", "device=cpu",
                                                     "progress=false", f"output_dir={tmp_path}"]))
@@ -204,6 +206,6 @@ def test_autoattack_refuses_inputs_the_reference_code_cannot_handle():
 
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
     with pytest.raises(ConfigError, match="at least 4 classes"):
-        attacks.autoattack(TinyConvNet(3).eval(), x, y, 0.1)
+        autoattack(TinyConvNet(3).eval(), x, y, 0.1)
     with pytest.raises(ConfigError, match="L2 Square attack cannot handle 8x8"):
-        attacks.autoattack(TinyConvNet(4).eval(), x, y, 0.5, norm="l2")
+        autoattack(TinyConvNet(4).eval(), x, y, 0.5, norm="l2")

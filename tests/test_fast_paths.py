@@ -13,7 +13,8 @@ from advcli import attacks, checkpoint, data
 from advcli.runtime import prepare_model
 from advcli.models import build_model
 from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch
-from advcli.train import never_robust, overfitting, train
+from advcli.guards import never_robust, overfitting
+from advcli.train import train
 from advcli.objectives import MinMax
 from conftest import compose_config, tiny_overrides
 

@@ -2,7 +2,8 @@
 parameter counts, Normalize, build_model errors, input gradients, channels_last, bfloat16 autocast.
 CPU only, no data. The tests that run every model of the registry build wide_resnet as WRN-10-1 (see
 SMALL) to stay fast; WRN-28-10's and WRN-34-10's sizes are checked without a forward pass (one WRN-28-10
-forward runs in test_datasets_models.py)."""
+forward runs in test_datasets_models.py). Two tests run `advcli train` on the synthetic set to see a ModelError
+reach the shell as one paragraph."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from advcli.models import (
     is_convolutional,
     uses_batchnorm,
 )
+from conftest import run_advcli
 
 # (in_channels, image_size): MNIST-like, CIFAR-like, tiny synthetic
 INPUTS = {"mnist": (1, 28), "cifar": (3, 32), "tiny": (1, 12)}
@@ -343,9 +345,28 @@ def test_mean_std_must_match_in_channels() -> None:
         build_model("cnn", in_channels=1, image_size=28, num_classes=10, mean=STATS[3][0], std=STATS[3][1])
 
 
-def test_model_error_is_not_a_type_error() -> None:
-    # callers catch ModelError to print a clean message; it must not be confused with bugs
-    assert issubclass(ModelError, Exception) and not issubclass(ModelError, (TypeError, ValueError))
+@pytest.mark.parametrize("override, words", [
+    ("+model.width=2", ["'mlp'", "width", "Options it accepts: hidden"]),            # build_model's check
+    ("model=wrn28_10 model.depth=27", ["depth=27", "6n + 4", "model.depth=28"]),  # WideResNet's own check
+])
+def test_a_model_error_reaches_the_shell_as_one_paragraph_and_exit_status_2(tmp_path, override, words) -> None:
+    run_dir = tmp_path / "run"
+    result = run_advcli("train", "dataset=synthetic", "model=mlp", *override.split(), "device=cpu", "progress=false",
+                        f"hydra.run.dir={run_dir}", env={"CUDA_VISIBLE_DEVICES": ""})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert all(word in errors[0] for word in words), errors[0]
+    assert "Traceback" not in result.stderr and not (run_dir / "checkpoint.pt").exists()
+
+
+def test_a_bug_inside_a_model_is_not_mistaken_for_a_model_error(tmp_path) -> None:
+    # MLP's own ValueError (not a ModelError): a bug to advcli, so it keeps its traceback and is not exit status 2
+    with pytest.raises(ValueError, match="positive sizes"):
+        make("mlp", 1, 12, hidden=[-5])
+    result = run_advcli("train", "dataset=synthetic", "model=mlp", "model.hidden=[-5]", "device=cpu",
+                        "progress=false", f"hydra.run.dir={tmp_path / 'run'}", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode not in (0, 2) and "positive sizes" in result.stderr
+    assert not any(line.startswith("advcli: error:") for line in result.stderr.splitlines()), result.stderr
 
 
 # ---------------------------------------------------------------- helpers

@@ -180,11 +180,19 @@ def test_viz_of_an_adv_class_checkpoint_marks_flags_and_targets_only_real_classe
     from advcli import data
 
     images = data.load_split("synthetic", "test", root=".").subset(slice(0, 64))
+    settings = viz.Settings(num_images=6, loss_examples=64, pgd_steps=5, restarts=1)
     arrays = viz.draw_pictures({"adv_class": model}, images, eps=0.1, norm="linf", out=tmp_path / "direct",
-                               num_images=6, loss_examples=64, pgd_steps=5, restarts=1, num_classes=4)
+                               settings=settings, num_classes=4)
     assert arrays["large_eps"]["adv_class"]["images"].shape[0] == 4  # towards the 4 classes, not the flag
-    predicted = torch.cat([arrays["gallery"]["adv_class"][key] for key in ("pred_clean", "pred_fgsm", "pred_pgd")])
-    assert predicted.max() <= 4 and (predicted == 4).any()  # the blind PGD lands on the flag
+    gallery = arrays["gallery"]["adv_class"]
+    predicted = torch.cat([gallery[key] for key in ("pred_clean", "pred_fgsm", "pred_pgd")])
+    assert predicted.max() <= 4  # K + 1 = 5 outputs, index 4 the flag
+    # for a K+1 model the FGSM row is the blind attack, which lands on the flag; the PGD row is the adaptive
+    # one (loss rejection_margin), which goes around the flag to a wrong real class
+    _, y = next(data.batches(images.subset(slice(0, 6)), 6))
+    fooled = (gallery["pred_pgd"] != y) & (gallery["pred_pgd"] < 4)
+    assert (gallery["pred_fgsm"] == 4).any() and fooled.any()
+    assert (gallery["pred_pgd"] == 4).sum() < (gallery["pred_fgsm"] == 4).sum()
 
 
 def test_trades_first_attack_step_follows_the_kl_gradient_not_rounding_noise(tiny_model, tiny_batch):

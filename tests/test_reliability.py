@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -20,7 +19,7 @@ from advcli.checkpoint import CheckpointError
 from advcli.epoch import LrSchedule
 from advcli.errors import ConfigError, Interrupted, TrainingDiverged
 from advcli.train import train
-from conftest import REPO, compose_config, tiny_overrides
+from conftest import compose_config, run_advcli, start_advcli, tiny_overrides
 
 # about a second per epoch on 2 CPU cores: long enough to be stopped in the middle of epoch 2
 SLOW_TINY = ["dataset=synthetic", "dataset.num_train=4096", "model=cnn", "attack=pgd", "attack.steps=3", "epochs=3",
@@ -30,13 +29,11 @@ SLOW_TINY = ["dataset=synthetic", "dataset.num_train=4096", "model=cnn", "attack
 
 
 def start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen(["advcli", "train", *SLOW_TINY, f"hydra.run.dir={run_dir}"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return start_advcli("train", *SLOW_TINY, f"hydra.run.dir={run_dir}")
 
 
 def finish(run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["advcli", "train", *SLOW_TINY, f"hydra.run.dir={run_dir}"], cwd=REPO, text=True,
-                          capture_output=True, timeout=300)
+    return run_advcli("train", *SLOW_TINY, f"hydra.run.dir={run_dir}")
 
 
 def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -116,7 +113,8 @@ def test_rerunning_a_finished_run_shows_its_results_without_training_or_evaluati
     monkeypatch.setattr(train_module, "evaluate_model", no_evaluation)
     monkeypatch.setattr(train_module, "train_epoch", no_evaluation)
     again = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2")))
-    assert again == json.loads(json.dumps(first))  # the stored results, as they are
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    assert again == stored == first  # the stored results, as they are: what the first run returned
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     monkeypatch.undo()
     fresh = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2", "resume=never", "seed=1")))
@@ -153,7 +151,7 @@ def test_the_refusal_is_one_paragraph_and_exit_status_2_from_the_shell(finished_
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     args = [a for a in tiny_overrides(run, "epochs=2", "lr_schedule=cosine", "eps=0.2") if not a.startswith("output_dir")]
-    result = advcli("train", *args, f"hydra.run.dir={run}")
+    result = run_advcli("train", *args, f"hydra.run.dir={run}")
     errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
     assert result.returncode == 2 and len(errors) == 1 and "eps: 0.1 -> 0.2" in errors[0], result.stderr
 
@@ -227,11 +225,6 @@ def test_resuming_another_model_is_refused_by_name(tmp_path):
     assert "mlp" in str(error.value) and "cnn" in str(error.value) and "resume=never" in str(error.value)
 
 
-def advcli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["advcli", *args], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**os.environ, **env})
-
-
 @pytest.mark.parametrize("override,fragment", [
     ("attack.steps=0", "attack.steps=0"),
     ("restarts=0", "restarts=0"),
@@ -247,7 +240,7 @@ def test_bad_input_is_one_paragraph_before_any_work(tmp_path, override, fragment
     args = [override, "dataset=synthetic", "model=mlp", f"hydra.run.dir={run_dir}"]
     if not override.startswith("device="):
         args.append("device=cpu")
-    result = advcli("train", *args, CUDA_VISIBLE_DEVICES="")  # no GPU visible, here or on a GPU machine
+    result = run_advcli("train", *args, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU visible, here or on a GPU machine
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
     assert len(errors) == 1 and fragment in errors[0], result.stderr
@@ -255,20 +248,21 @@ def test_bad_input_is_one_paragraph_before_any_work(tmp_path, override, fragment
 
 
 def test_debug_switch_shows_the_traceback(tmp_path):
-    result = advcli("train", "eps=abc", "dataset=synthetic", "debug=true", f"hydra.run.dir={tmp_path}")
+    result = run_advcli("train", "eps=abc", "dataset=synthetic", "debug=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "Traceback" in result.stderr + result.stdout
 
 
 def test_an_output_directory_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = advcli("train", "dataset=synthetic", f"output_dir={blocker / 'run'}", f"hydra.run.dir={tmp_path / 'h'}")
+    result = run_advcli("train", "dataset=synthetic", f"output_dir={blocker / 'run'}",
+                        f"hydra.run.dir={tmp_path / 'h'}")
     assert result.returncode == 2 and "cannot be written" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_run_directory_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = advcli("train", "dataset=synthetic", f"hydra.run.dir={blocker / 'run'}")
+    result = run_advcli("train", "dataset=synthetic", f"hydra.run.dir={blocker / 'run'}")
     assert result.returncode == 2 and "cannot be written" in result.stderr and "Traceback" not in result.stderr
     assert "hydra.run.dir=PATH" in result.stderr

@@ -7,7 +7,7 @@ import json
 import torch
 
 from advcli import data, report
-from advcli.evaluate import evaluate_model
+from advcli.evaluate import EvalSettings, evaluate_model
 from advcli.train import train
 from conftest import compose_config, tiny_overrides
 
@@ -31,8 +31,8 @@ def sanity_of(model, x, y, eps=0.05, *overrides):
     if cfg.get("attack") is not None:
         attack_cfgs["autoattack"] = cfg.attack
     torch.manual_seed(0)
-    found = evaluate_model(model, images, attack_cfgs, eps_values=[(eps, str(eps))], norm="linf",
-                           batch_size=256, sanity_cfg=cfg.evaluation.sanity)
+    found = evaluate_model(model, images, attack_cfgs, EvalSettings(eps_values=((eps, str(eps)),), norm="linf",
+                                                                    batch_size=256, sanity=cfg.evaluation.sanity))
     print(report.results_table(found.results, eps=eps, norm="linf"))
     print(report.sanity_table(found.sanity))
     return found.sanity, {check["name"]: check for check in found.sanity["checks"]}
@@ -71,10 +71,17 @@ def test_every_training_run_prints_and_saves_the_sanity_report(tmp_path, capsys)
     metrics = train(compose_config("train", tiny_overrides(tmp_path, "evaluation.num_examples=64",
                                                            "evaluation.sanity.num_examples=32")))
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert on_disk["sanity"] == json.loads(json.dumps(metrics["sanity"]))
+    assert on_disk["sanity"] == metrics["sanity"]
     assert on_disk["sanity"]["num_examples"] == 32
     assert all({"name", "verdict", "detail", "likely_cause"} <= set(c) for c in on_disk["sanity"]["checks"])
-    assert "sanity checks" in capsys.readouterr().out
+    assert [c["name"] for c in on_disk["sanity"]["checks"]] == [
+        "gradients_nonzero", "iterative_beats_single_step", "accuracy_falls_with_eps", "large_eps_reaches_zero",
+        "more_steps_do_not_raise_accuracy", "attack_converged"]
+    printed = capsys.readouterr().out
+    assert "sanity checks" in printed
+    assert f"on the first 32 examples: {on_disk['sanity']['verdict'].upper()}" in printed
+    for check in on_disk["sanity"]["checks"]:  # each check saved with the verdict and numbers it printed
+        assert f"{check['verdict'].upper():<5} {check['check']}: {check['detail']}" in printed, check["name"]
 
 
 def test_the_report_can_be_switched_off(tmp_path):

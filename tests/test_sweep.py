@@ -13,19 +13,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from advcli import checkpoint
-from conftest import REPO
+from conftest import run_advcli, start_advcli
 
 TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "epochs=1", "device=cpu", "progress=false",
         "eps_warmup=0", "data.val_size=32", "evaluation.num_examples=64", "validation.attack.steps=2",
         "evaluation.attacks.pgd.steps=3"]
-
-
-def advcli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["advcli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
 def require_plugin(module: str) -> None:
@@ -42,7 +36,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A 2 eps x 2 training attacks sweep, run once for the tests below."""
     folder = tmp_path_factory.mktemp("sweep")
-    result = advcli("train", "-m", "eps=0.05,0.1", "attack=fgsm,pgd", *TINY, f"hydra.sweep.dir={folder}")
+    result = run_advcli("train", "-m", "eps=0.05,0.1", "attack=fgsm,pgd", *TINY, f"hydra.sweep.dir={folder}")
     assert result.returncode == 0, result.stderr
     return folder, result
 
@@ -77,7 +71,7 @@ def test_a_sweep_ends_with_one_summary_row_per_job_holding_the_jobs_own_numbers(
 @pytest.mark.slow
 def test_summarize_rebuilds_the_same_summary(sweep, tmp_path):
     folder, _ = sweep
-    again = advcli("summarize", "--out", str(tmp_path / "again"), str(folder))
+    again = run_advcli("summarize", "--out", str(tmp_path / "again"), str(folder))
     assert again.returncode == 0, again.stderr
     for name in ("summary.csv", "summary.md"):
         assert (tmp_path / "again" / name).read_text() == (folder / name).read_text()
@@ -86,7 +80,7 @@ def test_summarize_rebuilds_the_same_summary(sweep, tmp_path):
 
     # the same runs given one by one make the same rows
     jobs = [row["dir"] for row in read_csv(folder / "summary.csv")]
-    by_run = advcli("summarize", "--out", str(tmp_path / "runs"), *jobs)
+    by_run = run_advcli("summarize", "--out", str(tmp_path / "runs"), *jobs)
     assert by_run.returncode == 0, by_run.stderr
     assert read_csv(tmp_path / "runs" / "summary.csv") == read_csv(folder / "summary.csv")
 
@@ -102,8 +96,8 @@ def test_failed_jobs_are_marked_and_do_not_stop_the_sweep(tmp_path):
     (tmp_path / "0" / "failed.json").write_text(json.dumps({"error": "an old failure", "type": "ConfigError"}))
 
     # eps=abc is refused by advcli's eps check (a UserError); hidden=[-5] fails inside torch (a bug, to advcli)
-    result = advcli("train", "-m", "model.hidden=[8],[-5]", "eps=0.1,abc", "attack=fgsm",
-                    *[o for o in TINY if not o.startswith("model.hidden")], f"hydra.sweep.dir={tmp_path}")
+    result = run_advcli("train", "-m", "model.hidden=[8],[-5]", "eps=0.1,abc", "attack=fgsm",
+                        *[o for o in TINY if not o.startswith("model.hidden")], f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     rows = read_csv(tmp_path / "summary.csv")
     assert [(row["job"], row["status"]) for row in rows] == [("0", "ok"), ("1", "failed"), ("2", "failed"),
@@ -126,8 +120,8 @@ def test_failed_jobs_are_marked_and_do_not_stop_the_sweep(tmp_path):
 @pytest.mark.slow
 def test_the_joblib_launcher_runs_a_two_job_sweep_in_parallel(tmp_path):
     require_plugin("hydra_plugins.hydra_joblib_launcher")
-    result = advcli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "eps=0.05,0.1",
-                    "attack=fgsm", *TINY, f"hydra.sweep.dir={tmp_path}")
+    result = run_advcli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "eps=0.05,0.1",
+                        "attack=fgsm", *TINY, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     rows = read_csv(tmp_path / "summary.csv")
@@ -136,25 +130,45 @@ def test_the_joblib_launcher_runs_a_two_job_sweep_in_parallel(tmp_path):
         assert float(row["pgd_acc"]) == json.loads((Path(row["dir"]) / "metrics.json").read_text())["test"]["pgd"]["acc"]
 
 
-def test_the_slurm_launcher_config_composes():
+def test_a_slurm_sweep_submits_one_job_array_with_the_resources_asked_for(tmp_path):
     require_plugin("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_module(config_module="advcli.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                                      "hydra.launcher.timeout_min=60"], return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node) == ("gpu", 60, 1)
-    assert launcher.cpus_per_task > 0 and launcher.mem_gb > 0
+    # A stand-in for the cluster's commands: submitit only looks for `srun`; `sbatch` keeps the script it is
+    # handed and refuses it, so the sweep stops right after submitting (no job runs).
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "sbatch").write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/submitted.sh"\n'
+                                 'echo "sbatch: error: no SLURM cluster here" >&2\nexit 1\n')
+    for command in ("srun", "sbatch"):
+        (fake / command).chmod(0o755)
+    folder = tmp_path / "sweep"
+    result = run_advcli("train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                        "hydra.launcher.timeout_min=60", "eps=0.1,0.2", "dataset=synthetic", "model=mlp",
+                        f"hydra.sweep.dir={folder}", env={"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode != 0 and "no SLURM cluster here" in result.stderr, result.stderr[-3000:]
+
+    script = (fake / "submitted.sh").read_text().splitlines()
+    sbatch = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in script if line.startswith("#SBATCH --"))
+    assert (sbatch["partition"], sbatch["time"]) == ("gpu", "60")  # the overrides, in sbatch's words (minutes)
+    assert (sbatch["gpus-per-node"], sbatch["cpus-per-task"], sbatch["mem"], sbatch["ntasks-per-node"]) == \
+        ("1", "8", "32GB", "1")                                     # slurm.yaml's defaults
+    assert sbatch["array"] == "0-1%2" and sbatch["job-name"] == "advcli-train"  # both jobs as one array
+    assert sbatch["output"].startswith(f"{folder}/.submitit/")     # SLURM's own logs inside the sweep directory
+    # one pickled job per task of the array, each with its own overrides (as the launcher logs them)
+    assert len(list((folder / ".submitit").glob("*.pkl"))) == 2
+    output = result.stdout + result.stderr
+    assert "#0 : eps=0.1 dataset=synthetic model=mlp" in output and "#1 : eps=0.2 dataset=synthetic model=mlp" in output
+    assert not list(folder.glob("*/metrics.json"))  # nothing ran here
 
 
 def test_summarize_help_and_a_path_without_runs(tmp_path):
-    helped = advcli("summarize", "--help")
+    helped = run_advcli("summarize", "--help")
     assert helped.returncode == 0 and "usage: advcli summarize" in helped.stdout
-    empty = advcli("summarize", str(tmp_path))
+    empty = run_advcli("summarize", str(tmp_path))
     assert empty.returncode == 2 and "Traceback" not in empty.stderr
     error_lines = [line for line in empty.stderr.splitlines() if line.startswith("advcli: error:")]
     assert len(error_lines) == 1 and "holds no runs" in error_lines[0] and str(tmp_path) in error_lines[0]
-    assert advcli("summarize").returncode == 2
+    assert run_advcli("summarize").returncode == 2
 
 
 def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -170,13 +184,11 @@ def test_a_sweep_killed_midway_and_run_again_trains_only_what_is_missing(tmp_pat
 
     args = ["train", "-m", "attack=pgd,pgd_margin,fgsm", *TINY, "epochs=2", "dataset.num_train=8192",
             "log_every=1"]
-    straight = advcli(*args, f"hydra.sweep.dir={tmp_path / 'straight'}")
+    straight = run_advcli(*args, f"hydra.sweep.dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
 
     folder = tmp_path / "killed"
-    process = subprocess.Popen(["advcli", *args, f"hydra.sweep.dir={folder}"], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = start_advcli(*args, f"hydra.sweep.dir={folder}")
 
     def second_job_in_epoch_2() -> bool:
         unfinished = [job for job in folder.glob("*/checkpoint.pt") if not (job.parent / "metrics.json").exists()]
@@ -186,12 +198,12 @@ def test_a_sweep_killed_midway_and_run_again_trains_only_what_is_missing(tmp_pat
     while not second_job_in_epoch_2() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)  # the second job is in its second epoch: it stops with a checkpoint
-    log = process.communicate(timeout=240)[0]
+    log = "".join(process.communicate(timeout=240))
     assert process.returncode == 143 and "SIGTERM stopped the run" in log, log[-3000:]
     finished = sum((job / "metrics.json").is_file() for job in folder.iterdir() if job.is_dir())
     assert 1 <= finished < 3 and not (folder / "summary.csv").exists()
 
-    again = advcli(*args, f"hydra.sweep.dir={folder}")
+    again = run_advcli(*args, f"hydra.sweep.dir={folder}")
     assert again.returncode == 0, again.stderr
     output = again.stdout + again.stderr
     assert output.count("already finished") == finished  # finished jobs: their results, as they are

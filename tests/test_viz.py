@@ -1,9 +1,10 @@
-"""advcli viz and training_curves.png: the pictures exist, are PNGs of the size their grid implies, and the
-arrays behind them have the expected shapes; on real MNIST a PGD-trained model's saliency follows the digit
-more closely than a standard model's."""
+"""advcli viz and training_curves.png: the pictures exist as PNGs, the arrays behind them show each
+checkpoint's images, predictions, saliency, PGD losses and large-eps images moved towards each class; on real
+MNIST a PGD-trained model's saliency follows the digit more closely than a standard model's."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -39,27 +40,59 @@ def synthetic_runs(tmp_path_factory):
 
 def test_training_writes_training_curves_png(synthetic_runs):
     assert png_size(synthetic_runs["pgd"] / "training_curves.png") == (900, 360)
+    history = json.loads((synthetic_runs["pgd"] / "metrics.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2]  # what the curves show: every epoch, every curve
+    assert all({"train_acc", "val_clean_acc", "val_pgd_acc", "train_loss"} <= set(entry) for entry in history)
 
 
-def test_viz_writes_four_pictures_of_the_expected_sizes(synthetic_runs, tmp_path):
+def test_viz_draws_both_checkpoints_in_four_pictures(synthetic_runs, tmp_path, monkeypatch):
+    draw_pictures, drawn = viz.draw_pictures, {}
+
+    def keep_arrays(*args, **kwargs):  # the arrays behind the pictures the command draws
+        drawn.update(draw_pictures(*args, **kwargs))
+        return drawn
+
+    monkeypatch.setattr(viz, "draw_pictures", keep_arrays)
     cfg = compose_config("viz", [f"ckpt={synthetic_runs['pgd'] / 'checkpoint.pt'}",
                                  f"compare={synthetic_runs['none'] / 'checkpoint.pt'}", "num_images=5",
                                  "loss_examples=64", "pgd_steps=5", "restarts=2", "device=cpu", f"output_dir={tmp_path}"])
     summary = viz.visualize_checkpoints(cfg)
-    assert png_size(tmp_path / "gallery.png") == viz.picture_size(rows=8, cols=5)  # 4 rows per checkpoint
-    assert png_size(tmp_path / "saliency.png") == viz.picture_size(rows=3, cols=5)  # images + 2 rows of maps
-    assert png_size(tmp_path / "large_eps.png") == viz.picture_size(rows=2, cols=5)  # start + 4 classes
-    assert png_size(tmp_path / "loss_distribution.png") == (600, 400)
+    for stem in ("gallery", "saliency", "loss_distribution", "large_eps"):
+        png_size(tmp_path / f"{stem}.png")  # fails unless a PNG
     assert set(summary["saliency_correlation"]) == {"pgd-trained", "none-trained"}
     assert all(-1 <= r <= 1 for r in summary["saliency_correlation"].values())
+    models = {"pgd-trained": synthetic_runs["pgd"], "none-trained": synthetic_runs["none"]}
+    for picture in drawn.values():
+        assert set(picture) == set(models)  # one row (or histogram) per checkpoint
+    for label, folder in models.items():
+        gallery = drawn["gallery"][label]
+        for key in ("clean", "fgsm", "pgd", "perturbation"):  # 5 images, 4 rows per checkpoint
+            assert gallery[key].shape == (5, 1, 12, 12), key
+        for key in ("pred_clean", "pred_fgsm", "pred_pgd"):
+            assert gallery[key].shape == (5,) and 0 <= gallery[key].min() and gallery[key].max() < 4, key
+        correlation = drawn["saliency"][label]["correlation"]
+        assert drawn["saliency"][label]["maps"].shape == (5, 12, 12)
+        assert ((-1 <= correlation) & (correlation <= 1)).all()
+        assert summary["saliency_correlation"][label] == pytest.approx(correlation.mean().item())
+        losses = drawn["loss_distribution"][label]["losses"]
+        assert losses.shape == (64,) and (losses >= 0).all()
+        assert summary["median_pgd_loss"][label] == pytest.approx(losses.median().item())
+        # large eps: each image moves from the first gallery image towards its class
+        moved, reached = drawn["large_eps"][label]["images"], drawn["large_eps"][label]["target_probability"]
+        assert moved.shape == (4, 1, 12, 12)
+        model = rebuild_model(load(folder / "checkpoint.pt")).eval()
+        with torch.no_grad():
+            at_start = model(gallery["clean"][:1]).softmax(1)[0]
+            assert torch.allclose(reached, model(moved).softmax(1).diagonal())
+        assert (reached > at_start).all(), (at_start, reached)  # every target more likely than at the start
 
 
 def test_draw_pictures_returns_arrays_of_the_expected_shapes(synthetic_runs, tmp_path):
     payload = load(synthetic_runs["pgd"] / "checkpoint.pt")
     model = rebuild_model(payload).eval()
     images = data.load_split("synthetic", "test", root=".").subset(slice(0, 40))
-    arrays = viz.draw_pictures({"pgd": model}, images, eps=0.1, norm="linf", out=tmp_path, num_images=6,
-                               loss_examples=40, pgd_steps=5, restarts=2, large_eps_steps=10)
+    settings = viz.Settings(num_images=6, loss_examples=40, pgd_steps=5, restarts=2, large_eps_steps=10)
+    arrays = viz.draw_pictures({"pgd": model}, images, eps=0.1, norm="linf", out=tmp_path, settings=settings)
     gallery = arrays["gallery"]["pgd"]
     for key in ("clean", "fgsm", "pgd", "perturbation"):
         assert gallery[key].shape == (6, 1, 12, 12), key

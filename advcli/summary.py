@@ -1,0 +1,213 @@
+"""A sweep's summary: ``summary.csv``, ``summary.md`` and ``summary.png`` from the rows of `advcli.sweep.summarize`.
+
+- ``summary.csv``: one row per job with its overrides, clean and robust accuracy per evaluation attack
+  (fractions, exactly as in the job's metrics.json), training time, status and error line;
+- ``summary.md``: the same as a readable table (also what the terminal shows);
+- ``summary.png``: clean and robust accuracy against eps, one line per training attack.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+from advcli.errors import SweepError
+from advcli.report import percent
+
+SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
+IDENTITY = ("dataset", "model", "attack", "eps")  # always known per job; never repeated as override columns
+
+def _pct(value: Any) -> str:
+    return percent(value if isinstance(value, (int, float)) else None, sign=False)
+
+
+
+def attack_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Evaluation attacks in the order the runs report them (clean first, ``any_attack`` last)."""
+    names: list[str] = []
+    for row in rows:
+        for key in row:
+            if key.endswith("_acc") and key[:-4] not in names:
+                names.append(key[:-4])
+    names.sort(key=lambda name: (name != "clean", name.startswith("any_attack")))
+    return names
+
+
+def override_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Override keys across rows, in command-line order, except those shown as identity columns."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [key for key in row["overrides"] if key not in keys and key not in IDENTITY]
+    return keys
+
+
+def csv_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return (["job", "status", *IDENTITY, "eps_value", *override_keys(rows), *[f"{n}_acc" for n in attack_names(rows)],
+             "train_time_s", "eval_time_s", "error_type", "error", "dir"])
+
+
+def _cell(row: dict[str, Any], column: str) -> Any:
+    """A row's value for ``column``: its own field, else the override of that name ("" when neither)."""
+    value = row[column] if column in row else row["overrides"].get(column)
+    return "" if value is None else value
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Every column, numbers as Python writes them (they read back equal to metrics.json's)."""
+    columns = csv_columns(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({column: _cell(row, column) for column in columns})
+    path.write_text(buffer.getvalue())
+
+
+def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The human table (markdown, padded so it reads in a terminal too) and the settings common to all rows.
+
+    Columns that hold the same value in every row (dataset, model, fixed overrides) move out of the table
+    into the returned ``key=value`` list; eps and the training attack always stay.
+    """
+    common_text, varying = [], []
+    for key in ["dataset", "model", *override_keys(rows)]:
+        values = list(dict.fromkeys(str(_cell(row, key)) for row in rows))
+        if len(values) == 1 and values[0] != "":  # the same in every row (a blank cell: not overridden there)
+            common_text.append(f"{key}={values[0]}")
+        elif values != [""]:
+            varying.append(key)
+    names = attack_names(rows)
+    header = ["job", "status", "attack", "eps", *varying, *[n.replace("_", " ") + " %" for n in names], "train s"]
+    body = []
+    for row in rows:
+        body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
+                     *[str(_cell(row, key)) for key in varying], *[_pct(row.get(f"{n}_acc")) for n in names],
+                     "-" if row.get("train_time_s") is None else f"{row['train_time_s']:.1f}"])
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    numeric = {i for i, title in enumerate(header) if title.endswith("%") or title in ("job", "train s")}
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([fmt(header), rule, *map(fmt, body)]), common_text
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``7.3 min``, ``2.5 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
+    """summary.md's text: the table, what all jobs shared, the failed jobs' errors, the sweep's wall time."""
+    text, common = table(rows)
+    failed = [row for row in rows if row["status"] != "ok"]
+    lines = ["# Sweep summary", ""]
+    tally = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "missing")}
+    counts = ", ".join([f"{len(rows)} job{'s' if len(rows) != 1 else ''}", f"{tally['ok']} ok"]
+                       + [f"{tally['failed']} failed"] * bool(tally["failed"])
+                       + [f"{tally['missing']} without results"] * bool(tally["missing"]))
+    if sweep and sweep.get("wall_time_s") is not None:
+        counts += f"; sweep wall time {format_duration(sweep['wall_time_s'])}"
+    lines.append(counts + ".")
+    if common:
+        lines.append(f"All jobs: {' '.join(common)}.")
+    names = [n for n in attack_names(rows) if n not in ("clean", "any_attack")]
+    lines += ["", text, "",
+              f"Accuracy in % on the test set: clean, and under each evaluation attack ({', '.join(names)}); "
+              "`any attack` counts an example as robust only if every attack failed. `train s`: training time."]
+    if failed:
+        lines += ["", "Failed or unfinished jobs:" if tally["missing"] else "Failed jobs:", ""]
+        shared = {item.split("=", 1)[0] for item in common}
+        for row in failed:
+            settings = " ".join(f"{k}={v}" for k, v in row["overrides"].items() if k not in shared)
+            kind = f"{row['error_type']}: " if row["error_type"] and not row["user_error"] else ""
+            lines.append(f"- job {_cell(row, 'job')} ({settings or row['dir']}): {kind}{row['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+    """summary.png: clean (dashed) and robust (solid, worst case over the evaluation attacks) accuracy
+    against eps, one colour per training attack (and per value of any other swept setting).
+
+    Uses matplotlib's object API with the Agg canvas, so no global backend is switched. Returns False
+    (and writes nothing) when no finished job has a numeric eps.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = [r for r in rows if r["status"] == "ok" and isinstance(r.get("eps_value"), (int, float))]
+    if not done:
+        return False
+    names = attack_names(done)
+    robust = "any_attack" if "any_attack" in names else ([n for n in names if n != "clean"] or ["clean"])[-1]
+    attacked = [n for n in names if n not in ("clean", "any_attack")]
+    _, common = table(done)
+    fixed = {text.split("=", 1)[0] for text in common}
+    group_keys = ["attack"] + [k for k in ["dataset", "model", *override_keys(done)] if k not in fixed]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in done:
+        label = " ".join([str(_cell(row, "attack"))] + [f"{k}={_cell(row, k)}" for k in group_keys[1:]])
+        groups.setdefault(label, []).append(row)
+
+    fig = Figure(figsize=(6.4, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = [f"C{i}" for i in range(10)]
+    for i, (label, group) in enumerate(sorted(groups.items())):
+        group.sort(key=lambda r: r["eps_value"])
+        x = [r["eps_value"] for r in group]
+        colour = colours[i % len(colours)]
+        for name, style, what in (("clean", "--o", "clean"), (robust, "-s", "robust")):
+            y = [100 * r[f"{name}_acc"] if isinstance(r.get(f"{name}_acc"), (int, float)) else math.nan for r in group]
+            ax.plot(x, y, style, color=colour, ms=4, label=f"trained {label}: {what}")
+    ticks = sorted({r["eps_value"]: str(r["eps"]) for r in done}.items())
+    ax.set_xticks([t for t, _ in ticks], [text for _, text in ticks])
+    ax.set_xlabel("eps (train and test)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    what = f"robust = worst case over {', '.join(attacked)}" if robust == "any_attack" else f"robust = {robust}"
+    settings = textwrap.wrap(" ".join(common), width=90, max_lines=2, placeholder=" ...")
+    ax.set_title("\n".join([*settings, what]), fontsize=7)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def write_summary(rows: Sequence[dict[str, Any]], folder: Path, sweep: dict | None = None) -> str:
+    """Write summary.csv, summary.md and summary.png into ``folder``; returns summary.md's text."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, folder / "summary.csv")
+        text = describe(rows, sweep)
+        plotted = plot(rows, folder / "summary.png")
+        if not plotted and (folder / "summary.png").exists():
+            (folder / "summary.png").unlink()  # an earlier summary's plot would not match this table
+        (folder / "summary.md").write_text(text + ("\n![clean and robust accuracy against eps](summary.png)\n"
+                                                   if plotted else ""))
+    except OSError as error:
+        raise SweepError(f"The summary cannot be written to {folder} ({error.strerror or error}). "
+                         "Pass another folder with advcli summarize --out DIR PATH ...") from None
+    return text
+
+
+
+def summary_folder(paths: Sequence[Path]) -> Path:
+    """Where the files go by default: the one path given, else the deepest folder holding all of them."""
+    if len(paths) == 1:
+        return paths[0]
+    resolved = [p.resolve() for p in paths]
+    common = resolved[0].parent
+    while not all(common in p.parents for p in resolved):
+        common = common.parent
+    return common
