@@ -16,8 +16,8 @@ from advcli.errors import MissingExtra
 from advcli.cli import eps_list_as_typed
 from advcli.evaluate import attack_outcomes, evaluate, evaluate_checkpoint, evaluation_attacks
 from advcli.train import train
-from conftest import TinyConvNet, compose_config, tiny_overrides
-from test_cli import advcli
+from conftest import TinyConvNet, compose_config, run_advcli, tiny_overrides
+
 
 
 def default_attacks(*overrides: str):
@@ -144,7 +144,7 @@ def test_eval_with_an_eps_list_writes_the_robustness_curve(tmp_path, tiny_checkp
 
 @pytest.mark.slow
 def test_eval_eps_list_as_typed_from_the_shell(tmp_path, tiny_checkpoint):
-    result = advcli("eval", f"ckpt={tiny_checkpoint}", "eps=0,0.05,0.1", "evaluation.num_examples=64", "device=cpu",
+    result = run_advcli("eval", f"ckpt={tiny_checkpoint}", "eps=0,0.05,0.1", "evaluation.num_examples=64", "device=cpu",
                     "progress=false", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert len(list(csv.DictReader((tmp_path / "robustness_curve.csv").open()))) == 3
