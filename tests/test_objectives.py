@@ -155,14 +155,14 @@ def test_standard_checkpoint_is_evaluated_exactly_as_before(tmp_path):
 
 
 def test_sweep_summary_carries_the_accuracy_with_rejection(adv_class_run):
-    from advcli import sweep
+    from advcli import summary, sweep
 
     run, _ = adv_class_run
     row = sweep.read_run(run)
     metrics = json.loads((run / "metrics.json").read_text())
     assert row["any_attack_with_rejection_acc"] == metrics["test"]["any_attack"]["acc_with_rejection"]
     assert row["pgd_adaptive_acc"] == metrics["test"]["pgd_adaptive"]["acc"]
-    text, _ = sweep.table([row])
+    text, _ = summary.table([row])
     assert "any attack with rejection %" in text
 
 
