@@ -1,13 +1,21 @@
 """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
-parameter-free attacks"), run by the authors' own code: the optional ``pyautoattack`` package
-(``pip install "advcli[autoattack]"``). The attacks here follow advcli's signature,
-``attack(model, x, y, eps, ...) -> x_adv`` with pixels in [0, 1], and are evaluation attacks: call them with
-the model in eval mode.
+parameter-free attacks") and its parts, run by the authors' own code: the ``pyautoattack`` package.
+
+- `autoattack`: the whole ensemble (standard: APGD-CE, APGD-T, FAB-T, Square), as the leaderboards run it.
+- `apgd`, `apgd_targeted`, `square`: its attacks one at a time, through the reference classes, so an
+  evaluation can spend its budget where it is needed (``evaluation=default``: a cascade in which each runs
+  only on what the ones before it left standing; `advcli.evaluate`).
+
+Each follows advcli's signature, ``attack(model, x, y, eps, ...) -> x_adv`` with pixels in [0, 1], and is an
+evaluation attack: call it with the model in eval mode. Each seeds its own generator from ``seed`` and leaves
+the caller's random state as it was.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -17,6 +25,10 @@ from advcli.errors import ConfigError, MissingExtra
 
 AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 
+# one run of an attack on some rows: (x, y) -> (points, broken); points are adversarial where broken and the
+# highest-loss point found elsewhere (inside the ball), broken is bool (rows,)
+Run = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
 
 def require_autoattack() -> type:
     """The ``AutoAttack`` class of the ``pyautoattack`` package, or a `MissingExtra` saying how to install it."""
@@ -24,14 +36,15 @@ def require_autoattack() -> type:
         from pyautoattack import AutoAttack
     except ImportError as error:
         raise MissingExtra(
-            f"AutoAttack needs the optional package pyautoattack, which cannot be imported ({error}). Install "
-            "advcli's extra with: pip install 'advcli[autoattack]' (or pip install -e '.[autoattack]' in a "
-            "checkout), or leave attack=autoattack out; every other attack works without it."
+            f"The reference AutoAttack code (the package pyautoattack, a dependency of advcli: the default "
+            f"evaluation's APGD, APGD-T and Square come from it) cannot be imported ({error}). Reinstall advcli "
+            "with its dependencies: pip install advcli (or pip install -e . in a checkout), or pip install "
+            "pyautoattack; evaluation=fast runs without it."
         ) from None
     return AutoAttack
 
 
-def _square_l2_fits(h: int, w: int) -> bool:
+def square_l2_fits(h: int, w: int) -> bool:
     """Whether the reference Square attack's L2 initialisation (a grid of s x s squares, s = h // 5, from an
     offset (h - 5s) // 2) stays inside an h x w image; it indexes past the edge otherwise and crashes."""
     s = h // 5
@@ -75,7 +88,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     if num_classes < 4:
         raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
                           "evaluate it with the other attacks (leave attack=autoattack out).")
-    if norm == "l2" and not _square_l2_fits(x.shape[-2], x.shape[-1]):
+    if norm == "l2" and not square_l2_fits(x.shape[-2], x.shape[-1]):
         raise ConfigError(
             f"AutoAttack's L2 Square attack cannot handle {x.shape[-2]}x{x.shape[-1]} images: its initial grid of "
             "squares runs past the image edge (a limitation of the reference code; 28x28 and 32x32 work). Use "
@@ -90,3 +103,135 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     with frozen_parameters(model), torch.random.fork_rng(devices=cuda):
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
     return x_adv.detach()
+
+
+@contextmanager
+def _reference_run(model: nn.Module, x: torch.Tensor, seed: int) -> Iterator[None]:
+    """Frozen parameters (no .grad filled), and the reference code's reseeding kept away from the caller's
+    generators: the attack draws from ``seed`` alone."""
+    cuda = [x.device] if x.device.type == "cuda" else []
+    with frozen_parameters(model), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check(norm: str, eps: float) -> str:
+    if norm not in AUTOATTACK_NORMS:
+        raise ValueError(f"norm must be one of {sorted(AUTOATTACK_NORMS)}, got {norm!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return AUTOATTACK_NORMS[norm]
+
+
+def until_broken(x: torch.Tensor, y: torch.Tensor, runs: Iterator[Run]) -> torch.Tensor:
+    """Run each of ``runs`` in turn on the rows no earlier run broke; every row's last point.
+
+    An example broken once stays broken (its adversarial point is kept), so later restarts and target
+    classes spend work only on what is still standing, as in the reference code.
+    """
+    x_adv, live = x.clone(), torch.arange(len(y), device=x.device)
+    for run in runs:
+        if not len(live):
+            break
+        points, broken = run(x[live], y[live])
+        x_adv[live] = points.to(x_adv.dtype)
+        live = live[~broken]
+    return x_adv
+
+
+def _apgd_run(attack) -> Run:
+    """One run of a reference APGD object from a fresh random start: its adversarial point where it broke the
+    example, its highest-loss point elsewhere (so a caller can rank what survived by how close it came)."""
+    def run(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attack.init_hyperparam(x)
+        highest_loss, still_right, _, adversarial = attack.attack_single_run(x.float(), y)
+        broken = still_right == 0
+        return torch.where(broken.view(-1, *[1] * (x.dim() - 1)), adversarial, highest_loss).detach(), broken
+    return run
+
+
+def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf", loss: str = "ce",
+         steps: int = 100, restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """APGD (Croce & Hein 2020): projected gradient ascent on ``loss`` (``ce`` or ``dlr``) with momentum and a
+    step size that halves at checkpoints where the loss stopped rising; the reference ``APGDAttack``.
+
+    Args:
+        model: (B, C, H, W) pixels in [0, 1] -> (B, K) logits, in eval mode. x: (B, C, H, W) in [0, 1].
+        y: (B,) int64. eps: radius in pixel units. norm: ``linf`` or ``l2``. steps: iterations per restart.
+        restarts: random restarts, each only on the examples earlier ones left correctly classified.
+        seed: the random starts' seed.
+
+    Returns:
+        (B, C, H, W), detached, inside the eps-ball of x and [0, 1]: adversarial where the attack succeeded,
+        elsewhere the highest-loss point it found.
+    """
+    require_autoattack()
+    from pyautoattack.autopgd_base import APGDAttack
+
+    reference_norm = _check(norm, eps)
+    if eps == 0 or len(y) == 0:
+        return x.detach()
+    attack = APGDAttack(model, n_iter=steps, norm=reference_norm, n_restarts=1, eps=eps, seed=seed, loss=loss,
+                        device=x.device)
+    with _reference_run(model, x, seed):
+        return until_broken(x.detach(), y, (_apgd_run(attack) for _ in range(restarts)))
+
+
+def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+                  targets: int = 9, steps: int = 100, restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, towards each of the ``targets`` classes the
+    model ranks highest after the true one (the 2nd, 3rd, ... logit), in turn, each only on the examples no
+    earlier target broke; the reference ``APGDAttackTargeted``. Needs at least 4 classes (DLR-T reads the 3rd
+    and 4th largest logits). Arguments and result as `apgd`."""
+    require_autoattack()
+    from pyautoattack.autopgd_base import APGDAttack_targeted
+
+    reference_norm = _check(norm, eps)
+    if eps == 0 or len(y) == 0:
+        return x.detach()
+    attack = APGDAttack_targeted(model, n_iter=steps, norm=reference_norm, n_restarts=1, eps=eps, seed=seed,
+                                n_target_classes=targets, device=x.device)
+    base = _apgd_run(attack)
+
+    def towards(rank: int) -> Run:
+        def run(x_live: torch.Tensor, y_live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                attack.y_target = model(x_live).sort(dim=1)[1][:, -rank]
+            return base(x_live, y_live)
+        return run
+
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    ranks = range(2, min(targets, num_classes - 1) + 2)
+    with _reference_run(model, x, seed):
+        return until_broken(x.detach(), y, (towards(rank) for rank in ranks for _ in range(restarts)))
+
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+           queries: int = 5000, p_init: float = 0.8, restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """Square Attack (Andriushchenko et al. 2020): a gradient-free random search on the margin loss, changing
+    one square patch per query and keeping it when the margin falls; the reference ``SquareAttack`` with
+    AutoAttack's settings. It needs no gradient, so a model whose gradients mislead cannot fool it.
+
+    Args:
+        queries: model queries per example (AutoAttack: 5,000); it stops early on each broken example.
+        p_init: the first patch's share of the image; the schedule that shrinks it follows 10,000 queries,
+            as in AutoAttack. Other arguments as `apgd`.
+
+    Returns:
+        (B, C, H, W), detached, in the eps-ball of x and [0, 1]; rows it could not break are x itself.
+    """
+    require_autoattack()
+    from pyautoattack.square import SquareAttack
+
+    reference_norm = _check(norm, eps)
+    if eps == 0 or len(y) == 0:
+        return x.detach()
+    if norm == "l2" and not square_l2_fits(x.shape[-2], x.shape[-1]):
+        raise ConfigError(
+            f"The L2 Square attack cannot handle {x.shape[-2]}x{x.shape[-1]} images: its initial grid of squares "
+            "runs past the image edge (a limitation of the reference code; 28x28 and 32x32 work).")
+    attack = SquareAttack(model, norm=reference_norm, n_queries=queries, eps=eps, p_init=p_init, n_restarts=restarts,
+                          seed=seed, loss="margin", resc_schedule=False, device=x.device)
+    with _reference_run(model, x, seed), torch.no_grad():
+        return attack.perturb(x.detach().float(), y).detach()

@@ -146,10 +146,19 @@ def check_attack(where: str, attack_cfg: Any) -> None:
             f"{where}.restarts=1 (restarts=N on the command line also sets the evaluation PGD's restarts).")
 
 
+# AutoAttack's attacks one at a time (advcli.autoattack): evaluation attacks, not adaptive to an adv_class flag
+REFERENCE_ATTACKS = ("apgd", "apgd_targeted", "square")
+
+
 def check_attack_fits(where: str, attack_cfg: Any, *, norm: str, num_classes: int, training: bool = False) -> None:
     """Check that an attack config can run in this run: the run's threat model, the model's classes, and (for
     the training attack) an attack meant for training. Everything here is known before any work starts."""
     kind = attack_kind(attack_cfg)
+    if training and kind in REFERENCE_ATTACKS:
+        raise ConfigError(
+            f"{where}: {kind} is an evaluation attack of the reference AutoAttack code (it only asks whether an "
+            "input can be broken and stops there); it cannot be the training attack. Train with attack=pgd (or "
+            "fgsm); the final evaluation (evaluation=default) runs it on the trained model.")
     if training and kind == "autoattack":
         raise ConfigError(
             "attack=autoattack is an evaluation attack (an ensemble that only asks whether an input can be broken, "
@@ -165,9 +174,10 @@ def check_attack_fits(where: str, attack_cfg: Any, *, norm: str, num_classes: in
         raise ConfigError(
             f"{where}.loss=dlr needs at least 3 classes (it divides the margin by the gap between the first and "
             f"third largest logits), but this model has {num_classes}. Use {where}.loss=margin or ce.")
-    if kind == "autoattack" and num_classes < 4:
+    if kind in ("autoattack", "apgd_targeted") and num_classes < 4:
         raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
-                          f"evaluate it with the other attacks (leave {where} out).")
+                          f"evaluate it with evaluation=fast (PGD on the cross-entropy and a margin loss), or leave "
+                          f"{where} out.")
 
 
 def check_evaluation_attacks(attack_cfgs: Mapping[str, Any], *, norm: str, num_classes: int,
@@ -178,13 +188,13 @@ def check_evaluation_attacks(attack_cfgs: Mapping[str, Any], *, norm: str, num_c
     for name, attack_cfg in attack_cfgs.items():
         check_attack(f"evaluation.attacks.{name}", attack_cfg)
         check_attack_fits(f"evaluation.attacks.{name}", attack_cfg, norm=norm, num_classes=num_classes)
-        if adversarial_class and attack_kind(attack_cfg) == "autoattack":
+        if adversarial_class and attack_kind(attack_cfg) in ("autoattack", *REFERENCE_ATTACKS):
             raise ConfigError(
-                f"evaluation.attacks.{name}: AutoAttack is not adaptive to the adversarial-input output of this "
-                "model (trainer=adv_class): it counts an input as broken as soon as it lands on the flag and stops "
-                "there, so its accuracy with rejection would overstate the defence. Evaluate such a model with the "
-                "adaptive PGD (evaluation.adaptive_attacks.pgd_adaptive), which must avoid the flag; leave "
-                "AutoAttack out.")
+                f"evaluation.attacks.{name}: AutoAttack and its attacks are not adaptive to the adversarial-input "
+                "output of this model (trainer=adv_class): they count an input as broken as soon as it lands on the "
+                "flag and stop there, so its accuracy with rejection would overstate the defence. Evaluate such a "
+                "model with evaluation=fast, whose adaptive PGD (evaluation.adaptive_attacks.pgd_adaptive) must "
+                "avoid the flag.")
 
 
 # --- from config to objects: one place, so a config's `name` never reaches a function as a keyword ----------
@@ -348,12 +358,13 @@ def check_training(cfg: Any) -> None:
 # --- what a run is: the settings that define it ------------------------------------------------------
 
 # Settings of the process, not of the experiment: they change neither what is trained nor how it is judged.
-NOT_IN_FINGERPRINT = ("device", "channels_last", "compile", "resume", "output_dir", "progress", "log_every", "debug",
-                      "data.root", "data.download", "evaluation.batch_size")
+NOT_IN_FINGERPRINT = ("device", "channels_last", "compile", "resume", "keep_epochs", "output_dir", "progress",
+                      "log_every", "debug", "data.root", "data.download", "evaluation.batch_size")
 # Settings a resumed run may change: more (or fewer) epochs stretch what is left of the learning-rate schedule;
 # the final evaluation's attacks, size and sanity probes apply to the evaluation that ends the run (its precision
 # and seed also drive the per-epoch held-out check, so they stay).
-MAY_CHANGE_ON_RESUME = ("epochs", "evaluation.attacks", "evaluation.adaptive_attacks", "evaluation.num_examples",
+MAY_CHANGE_ON_RESUME = ("epochs", "evaluation.name", "evaluation.attacks", "evaluation.adaptive_attacks",
+                        "evaluation.cascade", "evaluation.focus", "evaluation.escalate", "evaluation.num_examples",
                         "evaluation.sanity")
 
 

@@ -1,17 +1,19 @@
 """Robustness evaluation: `evaluate(model, batches, attacks, eps)`, `evaluate_model` (every eps of a curve, then
 the sanity report) and `evaluate_checkpoint` (what ``advcli eval`` runs: a checkpoint, its settings, a report).
 
-`evaluate` runs the model in eval mode (BatchNorm statistics frozen, weights never updated), attacks
-every batch with every attack of a dict, and returns per attack the accuracy and mean loss on the
-attacked inputs, plus ``any_attack``: the accuracy when each example counts as broken if any attack
-broke it. Attacks run under ``torch.no_grad`` except for their input gradients.
+The model runs in eval mode (BatchNorm statistics frozen, weights never updated); attacks run under
+``torch.no_grad`` except for their input gradients. An example the model already misclassifies is broken for
+every attack and is not attacked. How the attacks share the rest is the evaluation preset's choice
+(`advcli.outcomes`):
 
-What each attack spends its work on: an example the model already misclassifies is broken for every
-attack (x itself is an adversarial example at distance 0), so attacks see only the correctly
-classified examples of each batch. Every attack runs on all of those, so each row of the table is
-that attack's own robust accuracy, and the any-attack row is the per-example AND of the rows at no
-extra cost. Inside an evaluation PGD (``early_stop: true``) an example broken once stays broken: it
-leaves the batch, and later restarts attack only what earlier restarts left standing.
+- ``evaluation=default``: a cascade, as AutoAttack runs its attacks: APGD-CE, then targeted APGD-DLR, then the
+  gradient-free Square attack, each only on what the ones before left standing; Square takes the survivors
+  closest to the boundary first and stops when a share breaks nothing. Rows are accuracies *after* each attack.
+- ``evaluation=fast``: every attack on every example (each row is that attack's own accuracy); "any attack"
+  is their per-example AND. Quick, and easily fooled by misleading gradients.
+- ``evaluation=autoattack``: the reference AutoAttack (standard version), for leaderboard numbers.
+
+Every accuracy carries its number of examples and a Wilson 95% interval (`advcli.stats`).
 
 ``advcli eval ckpt=PATH`` rebuilds the model from the checkpoint alone (architecture, classes,
 dataset and its normalisation are stored in it) and evaluates it; eps (one value or a list: a
@@ -29,169 +31,46 @@ from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from advcli import attacks as attacks_module
 from advcli import autoattack, checkpoint, config, data, distributed, paths, report, runtime, sanity
 from advcli.attacks import Attack
 from advcli.errors import ConfigError
+from advcli.outcomes import Escalation, Outcomes, attack_outcomes, cascade_outcomes
 
 SPLITS = ("train", "test")
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Outcomes:
-    """Per-example results of one pass: which examples each attack left correctly classified, the
-    cross-entropy at each attack's output, and the seconds each attack took (attack + forward)."""
-
-    clean: torch.Tensor                                   # bool (N,): correct without attack
-    correct: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool (N,)
-    loss: dict[str, torch.Tensor] = field(default_factory=dict)     # name -> float (N,)
-    time_s: dict[str, float] = field(default_factory=dict)
-    # models with an "adversarial input" output (trainer=adv_class): attack name -> bool (N,), the model
-    # predicted the flag on the attack's output; and on the clean input (false flags). Empty / None otherwise.
-    flagged: dict[str, torch.Tensor] = field(default_factory=dict)
-    false_flags: torch.Tensor | None = None
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """``{name: {"acc", "loss"}, ..., "any_attack": {"acc"}}``, fractions in [0, 1]. (Times are left out,
-        so that two seeded runs give equal results.)
-
-        For a model with an "adversarial input" output each attack also gets ``flagged`` (the fraction of
-        inputs predicted as the flag) and ``acc_with_rejection`` (correct or flagged: the attack failed);
-        the clean row's ``flagged`` is the false-flag rate, and ``any_attack`` gets the per-example worst
-        case with rejection and ``worst_attack``, the single attack with the lowest such accuracy.
-        """
-        n = len(self.clean)
-        if n == 0:
-            raise ConfigError("There were no examples to evaluate; check evaluation.num_examples and the split.")
-        results = {name: {"acc": self.correct[name].sum().item() / n, "loss": self.loss[name].sum().item() / n}
-                   for name in self.correct}
-        unbroken = self.clean.clone()
-        for hits in self.correct.values():
-            unbroken &= hits
-        results["any_attack"] = {"acc": unbroken.sum().item() / n}
-        if self.flagged:
-            # only examples right without attack count: a falsely flagged clean input is an error, not a defence
-            held = self.clean.clone()
-            for name, flags in self.flagged.items():
-                survived = self.clean & (self.correct[name] | flags)
-                held &= survived
-                results[name].update(flagged=flags.sum().item() / n, acc_with_rejection=survived.sum().item() / n)
-            for name in set(self.correct) - set(self.flagged):  # the clean rows
-                results[name]["flagged"] = self.false_flags.sum().item() / n
-            worst = min(self.flagged, key=lambda name: results[name]["acc_with_rejection"])
-            results["any_attack"].update(acc_with_rejection=held.sum().item() / n, worst_attack=worst)
-        return results
-
-    def head(self, n: int) -> Outcomes:
-        """The outcomes of the first ``n`` examples."""
-        return Outcomes(self.clean[:n], {k: v[:n] for k, v in self.correct.items()},
-                        {k: v[:n] for k, v in self.loss.items()}, dict(self.time_s),
-                        {k: v[:n] for k, v in self.flagged.items()},
-                        None if self.false_flags is None else self.false_flags[:n])
-
-    def gathered(self) -> Outcomes:
-        """Under torchrun: every rank's outcomes (each rank evaluated a contiguous share), in order."""
-        return Outcomes(distributed.gather(self.clean), {k: distributed.gather(v) for k, v in self.correct.items()},
-                        {k: distributed.gather(v) for k, v in self.loss.items()}, dict(self.time_s),
-                        {k: distributed.gather(v) for k, v in self.flagged.items()},
-                        None if self.false_flags is None else distributed.gather(self.false_flags))
-
-
-def is_clean(attack: Attack) -> bool:
-    """Whether ``attack`` is `attacks.none` (possibly bound with hyper-parameters by Hydra)."""
-    return getattr(attack, "func", attack) is attacks_module.none
-
-
-@dataclass
-class _Parts:
-    """One pass's per-batch pieces, concatenated into `Outcomes` at the end."""
-
-    clean: list[torch.Tensor] = field(default_factory=list)
-    correct: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    loss: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    flagged: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    false_flags: list[torch.Tensor] = field(default_factory=list)
-    time_s: dict[str, float] = field(default_factory=dict)
-
-    def outcomes(self, device: torch.device, adversarial_class: bool) -> Outcomes:
-        def cat(pieces: list[torch.Tensor], dtype=torch.bool) -> torch.Tensor:
-            return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype, device=device)
-
-        return Outcomes(clean=cat(self.clean), correct={k: cat(v) for k, v in self.correct.items()},
-                        loss={k: cat(v, torch.float32) for k, v in self.loss.items()}, time_s=self.time_s,
-                        flagged={k: cat(v) for k, v in self.flagged.items()} if adversarial_class else {},
-                        false_flags=cat(self.false_flags) if adversarial_class else None)
-
-
-def _attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, eps: float,
-                  amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits at ``attack``'s output for a batch the model classifies correctly, and the attack's seconds."""
-    started = time.perf_counter()
-    with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
-        logits = model(attack(model, x, y, eps))  # input gradients enable grad inside the attack
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)  # so the time is the attack's, not a later one's
-    return logits.float(), time.perf_counter() - started
-
-
-def attack_outcomes(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    attacks: Mapping[str, Attack], *, eps: float, amp_dtype: torch.dtype | None = None,
-                    adversarial_class: bool = False) -> Outcomes:
-    """Attack every batch with every attack and keep the per-example results (see `Outcomes`).
-
-    Examples the model misclassifies without attack count as broken by every attack and are not
-    attacked; the rest go to every attack. The model runs in eval mode and is left in the mode it came
-    in, with its weights untouched. ``adversarial_class``: the model's last output means "adversarial
-    input"; record which inputs it flags. (Wrap ``batches`` in tqdm for a progress bar.)
-    """
-    parts = _Parts(correct={n: [] for n in attacks}, loss={n: [] for n in attacks}, time_s=dict.fromkeys(attacks, 0.0),
-                   flagged={n: [] for n in attacks if not is_clean(attacks[n])})
-    with runtime.eval_mode(model):
-        for x, y in batches:
-            with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
-                logits = model(x).float()
-            clean, clean_loss = logits.argmax(dim=1) == y, F.cross_entropy(logits, y, reduction="none")
-            parts.clean.append(clean)
-            parts.false_flags.append(logits.argmax(dim=1) == logits.shape[1] - 1)
-            right = clean.nonzero().squeeze(1)  # attacks spend work only where the model is right
-            x_right, y_right = attacks_module.take(x, right), y[right]
-            for name, attack in attacks.items():
-                correct, loss, flagged = clean, clean_loss, torch.zeros_like(clean)
-                if not is_clean(attack) and len(right):
-                    attacked, seconds = _attack_batch(model, x_right, y_right, attack, eps, amp_dtype)
-                    correct, loss = torch.zeros_like(clean), clean_loss.clone()
-                    correct[right] = attacked.argmax(dim=1) == y_right
-                    flagged[right] = attacked.argmax(dim=1) == attacked.shape[1] - 1
-                    loss[right] = F.cross_entropy(attacked, y_right, reduction="none")
-                    parts.time_s[name] += seconds
-                elif not is_clean(attack):
-                    correct = torch.zeros_like(clean)
-                parts.correct[name].append(correct)
-                parts.loss[name].append(loss)
-                if name in parts.flagged:
-                    parts.flagged[name].append(flagged)
-    return parts.outcomes(next(model.parameters()).device, adversarial_class)
-
-
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], attacks: Mapping[str, Attack], *,
              eps: float, amp_dtype: torch.dtype | None = None, gather: bool = False,
-             adversarial_class: bool = False) -> dict[str, dict[str, float]]:
+             adversarial_class: bool = False, cascade: bool = False, focus: Mapping[str, float] | None = None,
+             escalate: Escalation | None = None) -> dict[str, dict[str, float]]:
     """Accuracy and loss of ``model`` under each attack (pixels in [0, 1], eps in pixel units).
 
     Returns ``{name: {"acc", "loss"}, ..., "any_attack": {"acc"}}`` with fractions in [0, 1];
     an example misclassified without attack counts as broken by every attack. The model is left in the
     train/eval mode it came in, with its weights untouched. ``gather``: under torchrun each rank
     passed its own share of the examples; the results are over all of them. ``adversarial_class``: see
-    `Outcomes.summary`.
+    `Outcomes.summary`. ``cascade``, ``focus``, ``escalate``: run the attacks as a cascade
+    (`outcomes.cascade_outcomes`).
     """
-    found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, adversarial_class=adversarial_class)
+    found = outcomes_of(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, adversarial_class=adversarial_class,
+                        cascade=cascade, focus=focus, escalate=escalate)
     return (found.gathered() if gather else found).summary()
+
+
+def outcomes_of(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], attacks: Mapping[str, Attack], *,
+                eps: float, amp_dtype: torch.dtype | None = None, adversarial_class: bool = False,
+                cascade: bool = False, focus: Mapping[str, float] | None = None,
+                escalate: Escalation | None = None) -> Outcomes:
+    """Per-example outcomes: `cascade_outcomes` or `attack_outcomes`."""
+    if cascade:
+        return cascade_outcomes(model, batches, attacks, eps=eps, focus=focus, escalate=escalate, amp_dtype=amp_dtype)
+    return attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, adversarial_class=adversarial_class)
 
 
 def evaluation_attacks(attack_cfgs: Mapping[str, Any]) -> tuple[dict[str, Attack], dict[str, dict[str, Any]]]:
@@ -227,14 +106,25 @@ class EvalSettings:
     adversarial_class: bool = False            # the model's last output means "adversarial input"
     progress: bool = False
     desc: str = "test"
+    preset: str = "custom"                     # the evaluation preset's name (fast, default, autoattack)
+    cascade: bool = False                      # each attack only on what the ones before it left standing
+    focus: Mapping[str, float] | None = None   # attack name -> share of survivors taken at a time (cascade)
+    escalate: Mapping[str, Any] | None = None  # {"when", "attacks": {name: stronger settings}} (`escalation`)
+    stronger: Mapping[str, Any] | None = None  # sanity: {"attacks", "focus"}, the attack_converged probe (a cascade)
 
 
 def eval_settings(evaluation_cfg: Any, s: config.RunSettings, *, amp_dtype: torch.dtype | None, channels_last: bool,
                   adversarial_class: bool, progress: bool, desc: str = "test") -> EvalSettings:
     """`EvalSettings` from the ``evaluation`` config group and the run's checked settings."""
     sanity_cfg = evaluation_cfg.get("sanity")
+    stronger = sanity_cfg.get("stronger") if sanity_cfg is not None else None
     return EvalSettings(s.eps_values, s.norm, s.eval_batch_size, channels_last, amp_dtype, int(evaluation_cfg.seed),
-                        config.plain(sanity_cfg) if sanity_cfg is not None else None, adversarial_class, progress, desc)
+                        config.plain(sanity_cfg) if sanity_cfg is not None else None, adversarial_class, progress, desc,
+                        preset=str(evaluation_cfg.get("name") or "custom"),
+                        cascade=bool(evaluation_cfg.get("cascade", False)),
+                        focus=config.plain(evaluation_cfg.get("focus") or {}),
+                        escalate=config.plain(evaluation_cfg.get("escalate") or {}),
+                        stronger=config.plain(stronger) if stronger is not None else None)
 
 
 @dataclass
@@ -261,6 +151,7 @@ def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping
     ``sanity`` None).
     """
     attacks, described = evaluation_attacks(attack_cfgs)
+    stronger = escalation(attack_cfgs, settings.escalate)
     outcomes: dict[float, Outcomes] = {}
     curve = []
     with runtime.seeded(settings.seed + ranks.rank, images.images.device):
@@ -270,12 +161,15 @@ def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping
             batches = tqdm(data.batches(mine, settings.batch_size, channels_last=settings.channels_last), desc=label,
                            total=data.num_batches(len(mine), settings.batch_size), leave=False,
                            disable=not settings.progress, dynamic_ncols=True)
-            found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=settings.amp_dtype,
-                                    adversarial_class=settings.adversarial_class)
+            found = outcomes_of(model, batches, attacks, eps=eps, amp_dtype=settings.amp_dtype,
+                                adversarial_class=settings.adversarial_class, cascade=settings.cascade,
+                                focus=settings.focus, escalate=stronger)
             outcomes[eps] = found.gathered() if ranks.enabled else found
             results = outcomes[eps].summary()
             for name in described:
                 results[name].update(described[name])
+                if results[name].get("escalated"):  # what those examples were attacked with
+                    results[name]["escalated_settings"] = dict(settings.escalate["attacks"][name])
             curve.append({"eps": eps, "eps_text": text, "eps_255": eps * 255, "test": results})
         started, report_ = time.perf_counter(), None
         if ranks.is_main and settings.sanity is not None and settings.sanity.get("enabled", True):
@@ -301,13 +195,70 @@ def sanity_report(model: nn.Module, images: data.ImageSet, outcomes: Mapping[flo
         return found.correct["probe"]
 
     first = {eps: found.head(n) for eps, found in outcomes.items()}
+    stronger = _stronger_probe(model, probe_set, settings) if settings.stronger else None
     with runtime.eval_mode(model):
         return sanity.run_checks(
             model, x, y, norm=settings.norm, results=results, num_evaluated=len(images),
             correct={eps: found.correct for eps, found in first.items()}, clean=next(iter(first.values())).clean,
             described=described, measure=measure, batch_size=settings.batch_size, amp_dtype=settings.amp_dtype,
             tolerance=float(options["tolerance"]), steps_factor=int(options["steps_factor"]),
-            restarts_factor=int(options["restarts_factor"]))
+            restarts_factor=int(options["restarts_factor"]), stronger=stronger)
+
+
+def _probe_fits(attack_cfg: Mapping[str, Any], settings: EvalSettings, num_classes: int, size: tuple[int, int]) -> bool:
+    """Whether a probe attack can run on this model: the reference attacks need 4 classes, no adversarial-input
+    output, and (L2 Square) an image size the reference code can tile. The probe leaves out what cannot."""
+    kind = config.attack_kind(attack_cfg)
+    if kind in config.REFERENCE_ATTACKS and settings.adversarial_class:
+        return False
+    if kind == "square" and settings.norm == "l2" and not autoattack.square_l2_fits(*size):
+        return False
+    try:
+        config.check_attack_fits("evaluation.sanity.stronger", OmegaConf.create(dict(attack_cfg)), norm=settings.norm,
+                                 num_classes=num_classes)
+    except ConfigError:
+        return False
+    return True
+
+
+def _stronger_probe(model: nn.Module, probe_set: data.ImageSet, settings: EvalSettings) -> sanity.StrongerProbe | None:
+    """The sanity report's attack_converged probe from ``evaluation.sanity.stronger``: its attacks as a cascade
+    on the first ``stronger.num_examples`` probe examples (all when unset), as ``(label, eps -> still correct
+    after all of them)``."""
+    with torch.no_grad(), runtime.eval_mode(model):
+        num_classes = model(probe_set.subset(slice(0, 1)).images.float() / 255).shape[1]
+    fitting = {name: cfg for name, cfg in settings.stronger["attacks"].items()
+               if _probe_fits(cfg, settings, num_classes, probe_set.images.shape[-2:])}
+    if not fitting:
+        return None  # sanity falls back to its "more steps" probe
+    attacks, _ = evaluation_attacks(fitting)
+    if settings.stronger.get("num_examples") is not None:
+        count = config.require_int("evaluation.sanity.stronger.num_examples", settings.stronger["num_examples"], minimum=1)
+        probe_set = probe_set.subset(slice(0, min(count, len(probe_set))))
+
+    def correct_after(eps: float) -> torch.Tensor:
+        found = cascade_outcomes(model, data.batches(probe_set, settings.batch_size, channels_last=settings.channels_last),
+                                 attacks, eps=eps, focus=settings.stronger.get("focus"), amp_dtype=settings.amp_dtype)
+        return found.correct[list(attacks)[-1]]
+
+    return sanity.StrongerProbe(" + ".join(attacks), correct_after)
+
+
+def escalation(attack_cfgs: Mapping[str, Any], escalate: Mapping[str, Any] | None) -> Escalation | None:
+    """``evaluation.escalate`` as an `Escalation`: each named evaluation attack with its stronger settings."""
+    if not escalate or not escalate.get("attacks"):
+        return None
+    stronger = {}
+    for name, settings in escalate["attacks"].items():
+        if name not in attack_cfgs:
+            raise ConfigError(f"evaluation.escalate.attacks.{name}: the evaluation has no attack named {name} (it "
+                              f"has {', '.join(attack_cfgs)}); escalate one of those, or remove the entry.")
+        stronger[name] = {**config.plain(attack_cfgs[name]), **settings}
+    when = float(escalate.get("when", 0.05))
+    if not 0 <= when < 1:
+        raise ConfigError(f"evaluation.escalate.when={when} must lie in [0, 1): the share of what the first attack "
+                          "left standing that the later ones must break before the stronger settings are used.")
+    return Escalation(when, evaluation_attacks(stronger)[0])
 
 
 def evaluation_attack_configs(evaluation_cfg: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -394,7 +345,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         found = evaluate_model(model, images, job.attack_cfgs, settings, ranks)
         metrics = {
             "command": "eval", "checkpoint": str(cfg.ckpt), "dataset": dataset, "model": job.spec["name"],
-            "split": job.split, "eps": job.settings.eps, "eps_text": job.settings.eps_text,
+            "split": job.split, "evaluation": settings.preset, "cascade": settings.cascade,
+            "eps": job.settings.eps, "eps_text": job.settings.eps_text,
             "eps_255": job.settings.eps * 255, "norm": job.settings.norm, "restarts": job.settings.restarts,
             "num_examples": len(images), "trained_epochs": job.payload.get("epoch"), "test": found.results,
             **({"curve": found.curve} if len(found.curve) > 1 else {}), "sanity": found.sanity,

@@ -18,24 +18,24 @@ log = logging.getLogger(__name__)
 
 
 def overfitting(history: list[dict[str, Any]], guard_cfg: Any) -> dict[str, Any] | None:
-    """Catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapsing while training goes on.
+    """Catastrophic overfitting (Wong et al. 2020): held-out robust accuracy collapsing while training goes on.
 
     Returns what happened when the latest epoch's PGD accuracy fell more than ``guard_cfg.drop`` (absolute)
     below the best so far, else None; logs a warning saying what the guard does about it.
     """
-    scores = [entry["val_pgd_acc"] for entry in history if "val_pgd_acc" in entry]
+    scores = [entry["val_robust_acc"] for entry in history if "val_robust_acc" in entry]
     if guard_cfg.action == "off" or len(scores) < 2:
         return None
     best = max(scores)
     if best - scores[-1] <= guard_cfg.drop:
         return None
-    best_epoch = next(entry["epoch"] for entry in history if entry.get("val_pgd_acc") == best)
+    best_epoch = next(entry["epoch"] for entry in history if entry.get("val_robust_acc") == best)
     action = {"rollback": f"rolling back to epoch {best_epoch} (best.pt) and stopping",
               "stop": "stopping with the last weights", "warn": "going on (overfit_guard.action=warn)"}[guard_cfg.action]
-    log.warning("catastrophic overfitting: held-out PGD accuracy fell from %.2f%% (epoch %d) to %.2f%% (epoch %d); %s",
+    log.warning("catastrophic overfitting: held-out robust accuracy fell from %.2f%% (epoch %d) to %.2f%% (epoch %d); %s",
                 100 * best, best_epoch, 100 * scores[-1], history[-1]["epoch"], action)
-    return {"triggered": True, "epoch": history[-1]["epoch"], "best_epoch": best_epoch, "best_val_pgd_acc": best,
-            "val_pgd_acc": scores[-1], "action": guard_cfg.action}
+    return {"triggered": True, "epoch": history[-1]["epoch"], "best_epoch": best_epoch, "best_val_robust_acc": best,
+            "val_robust_acc": scores[-1], "action": guard_cfg.action}
 
 
 def never_robust(history: list[dict[str, Any]], attack: str, *, floor: float = 0.05,
@@ -43,16 +43,16 @@ def never_robust(history: list[dict[str, Any]], attack: str, *, floor: float = 0
     """A warning when adversarial training never bought held-out robustness: PGD accuracy at or below ``floor``
     in every epoch while the model learned the clean task. `overfitting` cannot see this (nothing to fall from),
     and it is how FGSM training that overfits from its first epochs looks."""
-    scores = [entry["val_pgd_acc"] for entry in history if "val_pgd_acc" in entry]
+    scores = [entry["val_robust_acc"] for entry in history if "val_robust_acc" in entry]
     if attack == "none" or not scores or max(scores) > floor or history[-1].get("val_clean_acc", 0.0) < 0.5:
         return None
     if adversarial_class:  # trainer=adv_class: the flag stops the blind attack, and the adaptive one walks around it
-        message = (f"held-out PGD accuracy with rejection never rose above {100 * max(scores):.1f}% in {len(scores)} "
+        message = (f"held-out robust accuracy with rejection never rose above {100 * max(scores):.1f}% in {len(scores)} "
                    f"epoch(s) (held-out clean {100 * history[-1]['val_clean_acc']:.1f}%): the adversarial-input output "
                    "flags the training attack's inputs, but an adaptive attack that avoids the flag breaks the model "
                    "(see the pgd_adaptive row). This is the known weakness of the defence, not a training failure.")
     else:
-        message = (f"held-out PGD accuracy never rose above {100 * max(scores):.1f}% in {len(scores)} epoch(s) of "
+        message = (f"held-out robust accuracy never rose above {100 * max(scores):.1f}% in {len(scores)} epoch(s) of "
                    f"{attack} training (held-out clean {100 * history[-1]['val_clean_acc']:.1f}%): the training attack is "
                    "not making the model robust (catastrophic overfitting from the start, or an eps this model and "
                    "schedule cannot reach). Try attack=pgd, a lower lr, eps_warmup=1 or more epochs.")

@@ -1,9 +1,11 @@
 """A sweep's summary: ``summary.csv``, ``summary.md`` and ``summary.png`` from the rows of `advcli.sweep.summarize`.
 
-- ``summary.csv``: one row per job with its overrides, clean and robust accuracy per evaluation attack
-  (fractions, exactly as in the job's metrics.json), training time, status and error line;
-- ``summary.md``: the same as a readable table (also what the terminal shows);
-- ``summary.png``: clean and robust accuracy against eps, one line per training attack.
+- ``summary.csv``: one row per job with its overrides, the number of test examples ``n``, clean and robust
+  accuracy per evaluation attack (fractions, exactly as in the job's metrics.json) each with its 95% Wilson
+  interval (``{name}_ci_low``, ``{name}_ci_high``), training time, status and error line;
+- ``summary.md``: the same as a readable table (also what the terminal shows), with ``n`` and the 95% interval
+  of the headline (any-attack) accuracy;
+- ``summary.png``: clean and robust accuracy against eps with 95% error bars, one line per training attack.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Sequence
 
 from advcli.errors import SweepError
 from advcli.report import percent
+from advcli.stats import format_interval
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 IDENTITY = ("dataset", "model", "attack", "eps")  # always known per job; never repeated as override columns
@@ -37,16 +40,27 @@ def attack_names(rows: Sequence[dict[str, Any]]) -> list[str]:
     return names
 
 
+def headline(names: Sequence[str]) -> str:
+    """The accuracy a row is judged by: ``any_attack`` (robust to every attack), else the last attack, else clean."""
+    return "any_attack" if "any_attack" in names else ([n for n in names if n != "clean"] or ["clean"])[-1]
+
+
+def _interval(row: dict[str, Any], name: str) -> tuple[float, float] | None:
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    return (low, high) if isinstance(low, (int, float)) and isinstance(high, (int, float)) else None
+
+
 def override_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Override keys across rows, in command-line order, except those shown as identity columns."""
+    """Override keys across rows, in command-line order, except those shown as their own columns."""
     keys: list[str] = []
     for row in rows:
-        keys += [key for key in row["overrides"] if key not in keys and key not in IDENTITY]
+        keys += [key for key in row["overrides"] if key not in keys and key not in (*IDENTITY, "evaluation")]
     return keys
 
 
 def csv_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return (["job", "status", *IDENTITY, "eps_value", *override_keys(rows), *[f"{n}_acc" for n in attack_names(rows)],
+    accuracies = [column for name in attack_names(rows) for column in (f"{name}_acc", f"{name}_ci_low", f"{name}_ci_high")]
+    return (["job", "status", *IDENTITY, "eps_value", *override_keys(rows), "evaluation", "n", *accuracies,
              "train_time_s", "eval_time_s", "error_type", "error", "dir"])
 
 
@@ -74,21 +88,27 @@ def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
     into the returned ``key=value`` list; eps and the training attack always stay.
     """
     common_text, varying = [], []
-    for key in ["dataset", "model", *override_keys(rows)]:
+    for key in ["dataset", "model", *override_keys(rows), "evaluation"]:
         values = list(dict.fromkeys(str(_cell(row, key)) for row in rows))
         if len(values) == 1 and values[0] != "":  # the same in every row (a blank cell: not overridden there)
             common_text.append(f"{key}={values[0]}")
         elif values != [""]:
             varying.append(key)
     names = attack_names(rows)
-    header = ["job", "status", "attack", "eps", *varying, *[n.replace("_", " ") + " %" for n in names], "train s"]
+    at = names.index(headline(names)) + 1 if names else 0  # the interval goes right after the accuracy it is of
+    titles = [n.replace("_", " ") + " %" for n in names]
+    titles.insert(at, "95% CI")
+    header = ["job", "status", "attack", "eps", *varying, "n", *titles, "train s"]
     body = []
     for row in rows:
+        interval = _interval(row, headline(names))
+        accuracies = [_pct(row.get(f"{n}_acc")) for n in names]
+        accuracies.insert(at, "-" if interval is None else format_interval(*interval))
         body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
-                     *[str(_cell(row, key)) for key in varying], *[_pct(row.get(f"{n}_acc")) for n in names],
+                     *[str(_cell(row, key)) for key in varying], str(row.get("n", "-")), *accuracies,
                      "-" if row.get("train_time_s") is None else f"{row['train_time_s']:.1f}"])
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    numeric = {i for i, title in enumerate(header) if title.endswith("%") or title in ("job", "train s")}
+    numeric = {i for i, title in enumerate(header) if title.endswith("%") or title in ("job", "n", "95% CI", "train s")}
 
     def fmt(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -121,8 +141,13 @@ def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
         lines.append(f"All jobs: {' '.join(common)}.")
     names = [n for n in attack_names(rows) if n not in ("clean", "any_attack")]
     lines += ["", text, "",
-              f"Accuracy in % on the test set: clean, and under each evaluation attack ({', '.join(names)}); "
-              "`any attack` counts an example as robust only if every attack failed. `train s`: training time."]
+              f"Accuracy in % on the n test examples: clean, and under each evaluation attack ({', '.join(names)}); "
+              "`any attack` counts an example as robust only if every attack failed. `95% CI`: the Wilson score "
+              f"interval of the `{headline(attack_names(rows)).replace('_', ' ')}` accuracy (summary.csv holds one "
+              "for every accuracy). `train s`: training time."]
+    if any(row.get("evaluation") == "fast" for row in rows):
+        lines += ["", "**fast evaluation**: gradient attacks only, which overstate the robustness of models whose "
+                  "gradients mislead; quote numbers from `evaluation=default` (or `evaluation=autoattack`)."]
     if failed:
         lines += ["", "Failed or unfinished jobs:" if tally["missing"] else "Failed jobs:", ""]
         shared = {item.split("=", 1)[0] for item in common}
@@ -133,9 +158,21 @@ def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _points(rows: Sequence[dict[str, Any]], name: str) -> tuple[list[float], list[list[float]]]:
+    """One line of summary.png: accuracies in % (NaN: none) and their error bars below and above (0: no interval)."""
+    y, below, above = [], [], []
+    for row in rows:
+        value, interval = row.get(f"{name}_acc"), _interval(row, name)
+        y.append(100 * value if isinstance(value, (int, float)) else math.nan)
+        # max(0, ...): a stored interval rounds independently of the accuracy; matplotlib refuses negative bars
+        below.append(max(0.0, y[-1] - 100 * interval[0]) if interval else 0.0)
+        above.append(max(0.0, 100 * interval[1] - y[-1]) if interval else 0.0)
+    return y, [below, above]
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     """summary.png: clean (dashed) and robust (solid, worst case over the evaluation attacks) accuracy
-    against eps, one colour per training attack (and per value of any other swept setting).
+    with 95% error bars against eps, one colour per training attack (and per value of any other swept setting).
 
     Uses matplotlib's object API with the Agg canvas, so no global backend is switched. Returns False
     (and writes nothing) when no finished job has a numeric eps.
@@ -147,7 +184,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     if not done:
         return False
     names = attack_names(done)
-    robust = "any_attack" if "any_attack" in names else ([n for n in names if n != "clean"] or ["clean"])[-1]
+    robust = headline(names)
     attacked = [n for n in names if n not in ("clean", "any_attack")]
     _, common = table(done)
     fixed = {text.split("=", 1)[0] for text in common}
@@ -166,8 +203,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
         x = [r["eps_value"] for r in group]
         colour = colours[i % len(colours)]
         for name, style, what in (("clean", "--o", "clean"), (robust, "-s", "robust")):
-            y = [100 * r[f"{name}_acc"] if isinstance(r.get(f"{name}_acc"), (int, float)) else math.nan for r in group]
-            ax.plot(x, y, style, color=colour, ms=4, label=f"trained {label}: {what}")
+            y, error = _points(group, name)
+            ax.errorbar(x, y, yerr=error, fmt=style, color=colour, ms=4, capsize=2, elinewidth=0.8,
+                        label=f"trained {label}: {what}")
     ticks = sorted({r["eps_value"]: str(r["eps"]) for r in done}.items())
     ax.set_xticks([t for t, _ in ticks], [text for _, text in ticks])
     ax.set_xlabel("eps (train and test)")
@@ -176,7 +214,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     what = f"robust = worst case over {', '.join(attacked)}" if robust == "any_attack" else f"robust = {robust}"
     settings = textwrap.wrap(" ".join(common), width=90, max_lines=2, placeholder=" ...")
-    ax.set_title("\n".join([*settings, what]), fontsize=7)
+    ax.set_title("\n".join([*settings, f"{what}; bars: 95% Wilson score intervals"]), fontsize=7)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from advcli.config import choice_name
 from advcli.errors import SweepError, UserError, one_paragraph
+from advcli.report import accuracy_interval, examples_in
 from advcli.summary import SUMMARY_FILES, write_summary
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         row.update(status="ok", dataset=metrics.get("dataset"), model=metrics.get("model"),
                    attack=metrics.get("attack"), eps=metrics.get("eps_text", metrics.get("eps")),
                    eps_value=metrics.get("eps"))
-        for name, result in (metrics.get("test") or {}).items():
-            if isinstance(result, dict) and isinstance(result.get("acc"), (int, float)):
-                row[f"{name}_acc"] = result["acc"]
-        worst = (metrics.get("test") or {}).get("any_attack") or {}
-        if isinstance(worst.get("acc_with_rejection"), (int, float)):  # trainer=adv_class: the figure to quote
-            row["any_attack_with_rejection_acc"] = worst["acc_with_rejection"]
+        row.update(accuracy_columns(metrics))
         for key in ("train_time_s", "eval_time_s"):
             row[key] = metrics.get(key)
     else:  # no results: describe the job from the config it was given
@@ -183,6 +179,31 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     elif not metrics:
         row["error"] = "no metrics.json or failed.json: the job is still running, was killed, or wrote elsewhere"
     return row
+
+
+def accuracy_columns(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's accuracy columns: ``n`` (examples evaluated) and, per evaluation attack, ``{name}_acc``
+    with its 95% Wilson interval ``{name}_ci_low``/``{name}_ci_high`` (fractions). A metrics.json written
+    before rows carried ``n`` gets the run's ``num_test`` (``num_examples`` for ``advcli eval``)."""
+    test = {name: result for name, result in (metrics.get("test") or {}).items()
+            if isinstance(result, dict) and isinstance(result.get("acc"), (int, float))}
+    fallback = metrics.get("num_test", metrics.get("num_examples"))
+    columns: dict[str, Any] = {}
+    counts = [count for result in test.values() if (count := examples_in(result, fallback)) is not None]
+    if counts:
+        columns["n"] = max(counts)  # one evaluation: every row is over the same examples
+    if metrics.get("evaluation"):
+        columns["evaluation"] = metrics["evaluation"]  # the preset: "fast" numbers must not pass for default ones
+    accuracies = [(name, result, "acc") for name, result in test.items()]
+    if isinstance(test.get("any_attack", {}).get("acc_with_rejection"), (int, float)):
+        # trainer=adv_class: the figure to quote
+        accuracies.append(("any_attack_with_rejection", test["any_attack"], "acc_with_rejection"))
+    for name, result, key in accuracies:
+        columns[f"{name}_acc"] = result[key]
+        interval = accuracy_interval(result, fallback, key=key)
+        if interval is not None:
+            columns[f"{name}_ci_low"], columns[f"{name}_ci_high"] = interval
+    return columns
 
 
 def summarize(paths: Iterable[str | Path]) -> list[dict[str, Any]]:

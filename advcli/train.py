@@ -70,6 +70,11 @@ def check_settings(cfg: DictConfig) -> Choices:
                              num_classes=info.num_classes)
     objective = config.instantiate("trainer", cfg.trainer, attack=config.instantiate("attack", cfg.attack))
     flagged = bool(objective.extra_outputs)
+    if flagged and config.attack_kind(cfg.validation.attack) != "pgd":
+        raise ConfigError(
+            f"validation.attack={config.choice_name(cfg.validation.attack, 'attack')}: a model with an adversarial-input "
+            "output (trainer=adv_class) is checked each epoch with advcli's PGD, whose adaptive variant must avoid the "
+            "flag; the reference attacks are not adaptive to it. Leave validation.attack at the trainer's choice (pgd).")
     config.check_evaluation_attacks(evaluation_attack_configs(cfg.evaluation, {"adversarial_class": flagged}),
                                     norm=settings.norm, num_classes=info.num_classes + objective.extra_outputs,
                                     adversarial_class=flagged)
@@ -153,9 +158,9 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
     steps_per_epoch = data.num_batches(len(train_set), cfg.batch_size)
     scheduler = lr_schedule(cfg.lr_schedule, optimizer, total_steps=cfg.epochs * steps_per_epoch,
                             peak=float(cfg.lr_peak))
-    val_attacks = {"clean": attacks.none, "pgd": config.instantiate("validation.attack", cfg.validation.attack)}
+    val_attacks = {"clean": attacks.none, "robust": config.instantiate("validation.attack", cfg.validation.attack)}
     if spec["adversarial_class"]:  # the flag counts as a defence only against an attack that tries to avoid it
-        val_attacks["pgd_adaptive"] = functools.partial(val_attacks["pgd"], loss="rejection_margin")
+        val_attacks["pgd_adaptive"] = functools.partial(val_attacks["robust"], loss="rejection_margin")
     if choices.attack_mode == "eval" and uses_batchnorm(model):
         log.info("the training attack runs with BatchNorm in eval mode (attack_mode=%s)", cfg.attack_mode)
     return Run(cfg, choices, ranks, out, spec, model, net, channels_last,
@@ -235,7 +240,8 @@ def epoch_batches(run: Run, epoch: int, partial: EpochProgress | None):
 
 
 def validate(run: Run) -> dict[str, float]:
-    """Clean and PGD accuracy on the held-out slice, in the evaluation's precision and random stream."""
+    """Clean and robust accuracy (under validation.attack) on the held-out slice, in the evaluation's precision
+    and random stream."""
     if not len(run.val_set):
         return {}
     s = run.choices.settings
@@ -244,9 +250,9 @@ def validate(run: Run) -> dict[str, float]:
         val = evaluate(run.model, data.batches(share, s.eval_batch_size, channels_last=run.channels_last),
                        run.val_attacks, eps=s.eps, amp_dtype=run.eval_amp_dtype, gather=run.ranks.enabled,
                        adversarial_class=run.adversarial_class)
-    entry = {"val_clean_acc": val["clean"]["acc"], "val_pgd_acc": val["pgd"]["acc"]}
+    entry = {"val_clean_acc": val["clean"]["acc"], "val_robust_acc": val["robust"]["acc"]}
     if run.adversarial_class:  # what the guard and best.pt watch: with rejection, the worst of blind and adaptive
-        entry.update(val_pgd_acc=val["any_attack"]["acc_with_rejection"], val_false_flags=val["clean"]["flagged"])
+        entry.update(val_robust_acc=val["any_attack"]["acc_with_rejection"], val_false_flags=val["clean"]["flagged"])
     return entry
 
 
@@ -280,9 +286,11 @@ def fit_epoch(run: Run, state: TrainingState, epoch: int, stop: StopRequests, sh
     state.history.append(entry)
     state.epoch = epoch
     log.info(report.epoch_line(entry, run.cfg.epochs))
-    score = entry.get("val_pgd_acc", entry["train_acc"])
+    score = entry.get("val_robust_acc", entry["train_acc"])
     is_best, state.best_score = score >= state.best_score, max(score, state.best_score)
     save(run, ckpt_path, snapshot(run, state))
+    if run.cfg.get("keep_epochs"):
+        save(run, run.out / f"epoch_{epoch}.pt", snapshot(run, state))
     if is_best:
         save(run, run.out / "best.pt", snapshot(run, state))
     if guard(run, state):
@@ -323,7 +331,8 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "attack": c.attack_name, "attack_settings": training_attack_settings(cfg), "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
         "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
-        "test": found.results, "history": state.history, "train_time_s": train_time,
+        "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
+        "train_time_s": train_time,
         "eval_time_s": time.perf_counter() - eval_start, "wall_time_s": time.perf_counter() - started,
         "device": str(run.test_set.images.device), "precision": run.fingerprint["amp"], "torch": torch.__version__,
         "checkpoint": str(run.out / "checkpoint.pt"), "best_checkpoint": str(run.out / "best.pt"),

@@ -26,7 +26,7 @@ from pathlib import Path
 from common import data_root, describe_machine
 
 JOB = ["model=cnn", "attack=pgd", "attack.steps=7", "eps=0.1", "eps_warmup=0", "epochs=1", "batch_size=128",
-       "data.train_size=10000", "evaluation.num_examples=1000", "evaluation.sanity.enabled=false",
+       "data.train_size=10000", "evaluation=fast", "evaluation.num_examples=1000", "evaluation.sanity.enabled=false",
        "progress=false", "resume=never", "seed=0"]
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, run_advcli
 
 TINY = ["dataset=synthetic", "model=mlp", "epochs=1", "device=cpu", "progress=false", "data.val_size=32",
-        "evaluation.num_examples=64", "attack.steps=2", "evaluation.attacks.pgd.steps=3"]
+        "evaluation=fast", "evaluation.num_examples=64", "attack.steps=2", "evaluation.attacks.pgd.steps=3"]
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_train_as_typed_parses_eps_and_evaluates_from_the_shell(tmp_path):
     assert "any attack" in result.stdout and "pgd" in result.stdout
     assert (run / "train.log").is_file()
 
-    evaluated = run_advcli("eval", f"ckpt={run / 'checkpoint.pt'}", "eps=0.2", "restarts=2", "device=cpu",
+    evaluated = run_advcli("eval", "evaluation=fast", f"ckpt={run / 'checkpoint.pt'}", "eps=0.2", "restarts=2", "device=cpu",
                            "evaluation.num_examples=64", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stderr
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -88,7 +88,7 @@ def test_missing_dataset_offline_names_the_folder_and_the_setting(tmp_path):
 
 
 def test_eval_of_a_missing_checkpoint(tmp_path):
-    result = run_advcli("eval", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}")
+    result = run_advcli("eval", "evaluation=fast", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -42,9 +42,11 @@ def test_train_config_composes_with_every_group_and_eps_as_typed():
     assert cfg.eps == "8/255" and config.parse_eps(cfg.eps) == pytest.approx(8 / 255)
     assert cfg.attack._target_ == "advcli.attacks.pgd" and cfg.attack.norm == "linf"
     assert cfg.model.name == "preact_resnet18" and cfg.dataset.name == "cifar10"
+    assert list(cfg.evaluation.attacks) == ["clean", "pgd_margin", "apgd_ce", "apgd_t", "square"]
+    assert cfg.evaluation.name == "default" and cfg.evaluation.cascade
+    cfg = compose_config("train", ["restarts=4", "norm=l2", "evaluation=fast"])
     assert set(cfg.evaluation.attacks) == {"clean", "fgsm", "pgd", "pgd_margin"}
     assert cfg.evaluation.attacks.pgd.steps >= 20 > cfg.attack.steps
-    cfg = compose_config("train", ["restarts=4", "norm=l2"])
     assert cfg.attack.restarts == 4 and cfg.evaluation.attacks.pgd.restarts == 4
     assert cfg.attack.norm == "l2" and cfg.evaluation.attacks.fgsm.norm == "l2" and cfg.validation.attack.norm == "l2"
 
@@ -57,7 +59,11 @@ DOCUMENTED_CHOICES = {
     "dataset": {"mnist": {}, "fashion_mnist": {}, "cifar10": {}, "cifar100": {}, "svhn": {}, "synthetic": {}},
     "attack": {"none": {"_target_": "advcli.attacks.none"}, "fgsm": {"_target_": "advcli.attacks.fgsm"},
                "pgd": {"_target_": "advcli.attacks.pgd", "loss": "ce"},
-               "pgd_margin": {"_target_": "advcli.attacks.pgd", "loss": "margin"}},
+               "pgd_margin": {"_target_": "advcli.attacks.pgd", "loss": "margin"},
+               "apgd_ce": {"_target_": "advcli.autoattack.apgd", "loss": "ce"},
+               "apgd_t": {"_target_": "advcli.autoattack.apgd_targeted"},
+               "square": {"_target_": "advcli.autoattack.square"}},
+    "evaluation": {"default": {"cascade": True}, "fast": {"cascade": False}, "autoattack": {"cascade": False}},
     "trainer": {"standard": {"_target_": "advcli.objectives.MinMax"},
                 "trades": {"_target_": "advcli.objectives.Trades"},
                 "adv_class": {"_target_": "advcli.objectives.AdversarialClass"}},
@@ -82,7 +88,7 @@ def test_data_root_follows_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("override,key", [("epochs=0", "epochs"), ("batch_size=0", "batch_size"),
                                           ("restarts=0", "restarts"), ("attack.steps=0", "attack.steps"),
-                                          ("evaluation.attacks.pgd.steps=-1", "evaluation.attacks.pgd.steps"),
+                                          ("evaluation.attacks.apgd_ce.steps=-1", "evaluation.attacks.apgd_ce.steps"),
                                           ("lr=-1", "lr"), ("norm=l1", "norm"), ("amp=fp8", "amp"),
                                           ("lr_schedule=step", "lr_schedule"), ("attack_mode=test", "attack_mode"),
                                           ("lr_peak=1", "lr_peak"), ("lr_peak=0", "lr_peak"),
@@ -132,7 +138,7 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     (["+attack@evaluation.attacks.aa=autoattack", "dataset.num_classes=3"], "at least 4 classes"),
 ])
 def test_settings_that_cannot_do_what_they_say_are_refused_before_any_work(tmp_path, overrides, fragment):
-    result = run_advcli("train", "dataset=synthetic", "model=mlp", "device=cpu", "progress=false", *overrides,
+    result = run_advcli("train", "dataset=synthetic", "model=mlp", "device=cpu", "progress=false", "evaluation=fast", *overrides,
                         f"hydra.run.dir={tmp_path / 'run'}", env={"CUDA_VISIBLE_DEVICES": ""})
     errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
     assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr

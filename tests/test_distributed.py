@@ -22,7 +22,7 @@ from advcli.data import ImageSet
 COMMON = ["dataset=synthetic", "dataset.num_train=300", "dataset.crop_padding=1", "model=mlp",
           "attack=fgsm", "eps=0.1", "eps_warmup=0", "epochs=2", "batch_size=64", "amp=off", "device=cpu",
           "progress=false", "data.val_size=30", "evaluation.num_examples=100", "evaluation.sanity.enabled=false",
-          "resume=never", "seed=3"]
+          "resume=never", "seed=3", "evaluation=fast"]
 
 
 def run(args: list[str], cwd) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
 
     # advcli eval under torchrun: sharded the same way, one writer, the single-process figures
     evaluated = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                     "advcli.evaluate", f"ckpt={one / 'checkpoint.pt'}", "device=cpu", "progress=false",
+                     "advcli.evaluate", "evaluation=fast", f"ckpt={one / 'checkpoint.pt'}", "device=cpu", "progress=false",
                      "evaluation.num_examples=100", "evaluation.sanity.enabled=false", f"output_dir={tmp_path / 'eval'}"],
                     tmp_path)
     assert evaluated.stdout.count("any attack") == 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from advcli.attacks import pgd
-from advcli.autoattack import autoattack
+from advcli.autoattack import apgd, autoattack
 from advcli.errors import MissingExtra
 from advcli.cli import eps_list_as_typed
 from advcli.evaluate import attack_outcomes, evaluate, evaluate_checkpoint, evaluation_attacks
@@ -21,8 +21,8 @@ from conftest import TinyConvNet, compose_config, run_advcli, tiny_overrides
 
 
 def default_attacks(*overrides: str):
-    """The default evaluation attacks, as `advcli eval` composes them."""
-    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", *overrides])
+    """The fast evaluation's attacks (each on every example), as `advcli eval evaluation=fast` composes them."""
+    cfg = compose_config("eval", ["evaluation=fast", "ckpt=unused", "norm=linf", "restarts=1", "evaluation=fast", *overrides])
     return evaluation_attacks(cfg.evaluation.attacks)
 
 
@@ -30,7 +30,7 @@ def batches_of(x, y, size=64):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
 
 
-def test_default_evaluation_has_fgsm_ce_and_margin_pgd_with_early_stop():
+def test_fast_evaluation_has_fgsm_ce_and_margin_pgd_with_early_stop():
     _, described = default_attacks()
     assert list(described) == ["clean", "fgsm", "pgd", "pgd_margin"]
     assert described["pgd"]["attack_loss"] == "ce" and described["pgd_margin"]["attack_loss"] == "margin"
@@ -125,7 +125,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_eval_with_an_eps_list_writes_the_robustness_curve(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "eval"
-    metrics = evaluate_checkpoint(compose_config("eval", [
+    metrics = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", 
         f"ckpt={tiny_checkpoint}", "eps=[0,1/255,0.05,0.1]", "evaluation.num_examples=64", "device=cpu",
         "progress=false", f"output_dir={out}"]))
     assert [point["eps_text"] for point in metrics["curve"]] == ["0", "1/255", "0.05", "0.1"]
@@ -144,7 +144,7 @@ def test_eval_with_an_eps_list_writes_the_robustness_curve(tmp_path, tiny_checkp
 
 @pytest.mark.slow
 def test_eval_eps_list_as_typed_from_the_shell(tmp_path, tiny_checkpoint):
-    result = run_advcli("eval", f"ckpt={tiny_checkpoint}", "eps=0,0.05,0.1", "evaluation.num_examples=64", "device=cpu",
+    result = run_advcli("eval", "evaluation=fast", f"ckpt={tiny_checkpoint}", "eps=0,0.05,0.1", "evaluation.num_examples=64", "device=cpu",
                     "progress=false", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert len(list(csv.DictReader((tmp_path / "robustness_curve.csv").open()))) == 3
@@ -173,7 +173,7 @@ def test_autoattack_breaks_at_least_what_pgd_breaks_and_stays_in_the_ball(tiny_b
 
 
 def test_eval_attack_autoattack_adds_it_next_to_the_defaults(tmp_path, tiny_checkpoint):
-    metrics = evaluate_checkpoint(compose_config("eval", [
+    metrics = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", 
         f"ckpt={tiny_checkpoint}", "attack=autoattack", "evaluation.num_examples=32", "device=cpu",
         "progress=false", f"output_dir={tmp_path}"]))
     assert list(metrics["test"]) == ["clean", "fgsm", "pgd", "pgd_margin", "autoattack", "any_attack"]
@@ -184,12 +184,14 @@ def test_eval_attack_autoattack_adds_it_next_to_the_defaults(tmp_path, tiny_chec
     assert "autoattack_agrees_with_pgd" in checks and "AutoAttack" in checks["autoattack_agrees_with_pgd"]["detail"]
 
 
-def test_missing_autoattack_extra_says_how_to_install_it(monkeypatch, tmp_path, tiny_checkpoint):
+def test_missing_autoattack_package_says_how_to_install_it(monkeypatch, tmp_path, tiny_checkpoint):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import fails as if it were not installed
-    with pytest.raises(MissingExtra, match=r"pip install 'advcli\[autoattack\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install pyautoattack"):
         autoattack(TinyConvNet(4), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1)
+    with pytest.raises(MissingExtra, match="evaluation=fast"):  # the default evaluation's attacks too
+        apgd(TinyConvNet(4), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1)
     with pytest.raises(MissingExtra):  # in advcli eval: before any other attack runs
-        evaluate_checkpoint(compose_config("eval", [f"ckpt={tiny_checkpoint}", "attack=autoattack", "device=cpu",
+        evaluate_checkpoint(compose_config("eval", ["evaluation=fast", f"ckpt={tiny_checkpoint}", "attack=autoattack", "device=cpu",
                                                     "progress=false", f"output_dir={tmp_path}"]))
 
 
@@ -197,7 +199,7 @@ def test_attack_choice_that_clashes_with_a_default_attack_is_refused(tmp_path, t
     from advcli.errors import ConfigError
 
     with pytest.raises(ConfigError, match="evaluation.attacks.pgd"):
-        evaluate_checkpoint(compose_config("eval", [f"ckpt={tiny_checkpoint}", "attack=pgd", "device=cpu",
+        evaluate_checkpoint(compose_config("eval", ["evaluation=fast", f"ckpt={tiny_checkpoint}", "attack=pgd", "device=cpu",
                                                     "progress=false", f"output_dir={tmp_path}"]))
 
 

@@ -59,7 +59,7 @@ def test_bf16_training_reaches_fp32_accuracy_on_real_data(tmp_path, real_data_ro
         metrics = train(compose_config("train", [
             "dataset=mnist", "model=cnn", "attack=none", f"amp={amp}", f"data.root={real_data_root}",
             "data.download=false", "data.train_size=8000", "epochs=1", "evaluation.num_examples=2000",
-            "evaluation.attacks.pgd.steps=1", "evaluation.attacks.pgd_margin.steps=1", "evaluation.sanity.enabled=false",
+            "evaluation=fast", "evaluation.attacks.pgd.steps=1", "evaluation.attacks.pgd_margin.steps=1", "evaluation.sanity.enabled=false",
             "device=cpu", "progress=false", f"output_dir={tmp_path / amp}"]))
         return metrics["test"]["clean"]["acc"]
 
@@ -94,9 +94,9 @@ def test_train_epoch_matches_a_plain_loop_in_fp32(tiny_batch):
 
 def test_overfitting_guard_fires_on_a_collapse_only():
     guard = OmegaConf.create({"drop": 0.2, "action": "rollback"})
-    rising = [{"epoch": i + 1, "val_pgd_acc": a} for i, a in enumerate([0.3, 0.5, 0.6, 0.55])]
+    rising = [{"epoch": i + 1, "val_robust_acc": a} for i, a in enumerate([0.3, 0.5, 0.6, 0.55])]
     assert overfitting(rising, guard) is None
-    collapsed = rising + [{"epoch": 5, "val_pgd_acc": 0.05}]
+    collapsed = rising + [{"epoch": 5, "val_robust_acc": 0.05}]
     found = overfitting(collapsed, guard)
     assert found["triggered"] and found["best_epoch"] == 3 and found["epoch"] == 5
     assert overfitting(collapsed, OmegaConf.create({"drop": 0.2, "action": "off"})) is None
@@ -136,7 +136,7 @@ def test_onecycle_rises_linearly_to_lr_at_its_peak_then_falls_to_zero(peak):
 
 def test_never_robust_flags_adversarial_training_whose_held_out_pgd_stays_at_zero():
     def history(pgd: list[float], clean: float = 0.97) -> list[dict]:
-        return [{"epoch": i + 1, "val_clean_acc": clean, "val_pgd_acc": p} for i, p in enumerate(pgd)]
+        return [{"epoch": i + 1, "val_clean_acc": clean, "val_robust_acc": p} for i, p in enumerate(pgd)]
 
     message = never_robust(history([0.012, 0.0, 0.0]), "fgsm")
     assert message and "never rose above 1.2%" in message and "3 epoch(s) of fgsm" in message

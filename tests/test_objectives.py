@@ -92,7 +92,7 @@ def test_adv_class_checkpoint_has_k_plus_one_outputs_and_eval_needs_no_argument(
     model = checkpoint.rebuild_model(payload)
     assert model(torch.rand(2, 1, 12, 12)).shape == (2, 5)
 
-    evaluated = evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
+    evaluated = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
                                                             "progress=false", "evaluation.sanity.enabled=false",
                                                             f"output_dir={tmp_path}"]))
     test = evaluated["test"]
@@ -122,7 +122,7 @@ def test_adaptive_attack_lowers_accuracy_with_rejection_at_least_as_much(adv_cla
     assert test["any_attack"]["worst_attack"] == "pgd_adaptive"
     # the held-out check watches PGD accuracy with rejection (worst of blind and adaptive), not plain accuracy
     last = trained["history"][-1]
-    assert 0 <= last["val_false_flags"] <= 1 and last["val_pgd_acc"] > 0
+    assert 0 <= last["val_false_flags"] <= 1 and last["val_robust_acc"] > 0
     assert "warnings" not in trained  # not mistaken for a run that never became robust
 
 
@@ -244,8 +244,29 @@ def test_autoattack_against_an_adv_class_model_is_refused(adv_class_run, tmp_pat
     from advcli.errors import ConfigError
 
     run, _ = adv_class_run
-    cfg = compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "attack=autoattack", "device=cpu",
+    cfg = compose_config("eval", ["evaluation=fast", f"ckpt={run / 'checkpoint.pt'}", "attack=autoattack", "device=cpu",
                                   f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="not adaptive to the adversarial-input output"):
+        evaluate_checkpoint(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_an_adv_class_run_evaluates_with_the_adaptive_preset_and_the_default_is_refused(adv_class_run, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from advcli.errors import ConfigError
+
+    with initialize_config_module(config_module="advcli.configs", version_base="1.3"):
+        chosen = compose(config_name="train", overrides=["trainer=adv_class"], return_hydra_config=True)
+    assert chosen.hydra.runtime.choices.evaluation == "fast" and "pgd" in chosen.evaluation.attacks
+    assert chosen.validation.attack.name == "pgd"  # its adaptive variant checks each epoch
+    with pytest.raises(ConfigError, match="validation.attack=apgd_ce"):
+        train(compose_config("train", tiny_overrides(tmp_path / "refused", "trainer=adv_class",
+                                                     "attack@validation.attack=apgd_ce")))
+
+    run, _ = adv_class_run
+    cfg = compose_config("eval", ["evaluation=default", f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
+                                  f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="evaluation=fast"):
         evaluate_checkpoint(cfg)
     assert not (tmp_path / "metrics.json").exists()

@@ -25,7 +25,7 @@ class Quantized(torch.nn.Module):
 
 
 def sanity_of(model, x, y, eps=0.05, *overrides):
-    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", *overrides])
+    cfg = compose_config("eval", ["evaluation=fast", "ckpt=unused", "norm=linf", "restarts=1", *overrides])
     images = data.ImageSet((x * 255).round().to(torch.uint8), y)
     attack_cfgs = dict(cfg.evaluation.attacks)
     if cfg.get("attack") is not None:

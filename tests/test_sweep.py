@@ -19,7 +19,7 @@ from conftest import run_advcli, start_advcli
 
 TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "epochs=1", "device=cpu", "progress=false",
         "eps_warmup=0", "data.val_size=32", "evaluation.num_examples=64", "validation.attack.steps=2",
-        "evaluation.attacks.pgd.steps=3"]
+        "evaluation=fast", "evaluation.attacks.pgd.steps=3"]
 
 
 def require_plugin(module: str) -> None:
@@ -213,3 +213,60 @@ def test_a_sweep_killed_midway_and_run_again_trains_only_what_is_missing(tmp_pat
     assert comparable(rows) == comparable(read_csv(tmp_path / "straight" / "summary.csv"))
     assert [row["attack"] for row in rows] == ["pgd", "pgd_margin", "fgsm"]  # two PGD rows, told apart
     assert sorted(Path(row["dir"]).name for row in rows) == ["attack=fgsm", "attack=pgd", "attack=pgd_margin"]
+
+
+def test_the_summary_carries_n_and_a_wilson_interval_for_every_accuracy(tmp_path):
+    from scipy.stats import binomtest
+
+    from advcli import summary, sweep
+
+    def wilson(k: int, n: int) -> tuple[float, float]:
+        reference = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        return reference.low, reference.high
+
+    # one run as the evaluation writes rows now (n, ci95), one as an older metrics.json (num_test only)
+    correct = {"clean": 450, "pgd": 301, "any_attack": 287}
+    for run, stored in (("new", True), ("old", False)):
+        test = {name: {"acc": k / 500, **({"n": 500, "ci95": list(wilson(k, 500))} if stored else {})}
+                for name, k in correct.items()}
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps(
+            {"dataset": "mnist", "model": "cnn", "attack": "pgd", "eps": 0.3, "eps_text": "0.3", "num_test": 500,
+             "test": test, "train_time_s": 1.0}))
+    rows = sweep.summarize([tmp_path])
+    text = summary.write_summary(rows, tmp_path / "out")
+
+    for row in read_csv(tmp_path / "out" / "summary.csv"):
+        assert row["n"] == "500"
+        for name, k in correct.items():
+            low, high = wilson(k, 500)
+            assert float(row[f"{name}_acc"]) == k / 500
+            assert float(row[f"{name}_ci_low"]) == pytest.approx(low, abs=1e-12)
+            assert float(row[f"{name}_ci_high"]) == pytest.approx(high, abs=1e-12)
+    header, _, *body = [line for line in text.splitlines() if line.startswith("|")]
+    titles = [cell.strip() for cell in header.strip("|").split("|")]
+    assert titles[titles.index("any attack %") + 1] == "95% CI" and "n" in titles
+    low, high = wilson(287, 500)
+    for line in body:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[titles.index("n")] == "500"
+        assert cells[titles.index("95% CI")] == f"[{100 * low:.1f}, {100 * high:.1f}]"
+    assert "Wilson score interval of the `any attack` accuracy" in text
+    assert (tmp_path / "out" / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_summary_of_fast_evaluations_says_so(tmp_path):
+    from advcli import summary, sweep
+
+    for run, preset in (("a", "fast"), ("b", "fast")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps(
+            {"dataset": "mnist", "model": "cnn", "attack": "pgd", "eps": 0.3, "eps_text": "0.3", "num_test": 500,
+             "evaluation": preset, "test": {"clean": {"acc": 0.9, "n": 500}, "any_attack": {"acc": 0.7, "n": 500}}}))
+    text = summary.write_summary(sweep.summarize([tmp_path]), tmp_path / "out")
+    assert "evaluation=fast" in text and "**fast evaluation**" in text
+    assert [row["evaluation"] for row in read_csv(tmp_path / "out" / "summary.csv")] == ["fast", "fast"]
+    (tmp_path / "b" / "metrics.json").write_text((tmp_path / "b" / "metrics.json").read_text().replace('"fast"', '"default"'))
+    text = summary.write_summary(sweep.summarize([tmp_path]), tmp_path / "out")
+    header = next(line for line in text.splitlines() if line.startswith("|"))
+    assert "evaluation" in header  # mixed presets: a column, so no row passes for the other kind

@@ -27,9 +27,9 @@ def test_each_training_attack_writes_a_checkpoint_and_metrics_per_attack(tmp_pat
     assert on_disk["test"]["pgd"]["steps"] == 20 and on_disk["test"]["pgd"]["restarts"] == 1
     worst = min(on_disk["test"][name]["acc"] for name in ("clean", "fgsm", "pgd"))
     assert on_disk["test"]["any_attack"]["acc"] <= worst
-    assert len(on_disk["history"]) == 1 and "val_pgd_acc" in on_disk["history"][0]
+    assert len(on_disk["history"]) == 1 and "val_robust_acc" in on_disk["history"][0]
 
-    evaluated = evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
+    evaluated = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
                                                             "progress=false", f"output_dir={tmp_path / 'eval'}"]))
     assert evaluated["test"]["clean"]["acc"] == on_disk["test"]["clean"]["acc"]  # exactly, not approximately
     assert evaluated["eps"] == on_disk["eps"] and evaluated["num_examples"] == on_disk["num_test"]
@@ -49,10 +49,10 @@ def test_training_learns_and_pgd_training_buys_robustness(tmp_path):
 def test_eval_overrides_eps_restarts_steps_and_examples(tmp_path):
     train(compose_config("train", tiny_overrides(tmp_path / "run")))
     ckpt = tmp_path / "run" / "checkpoint.pt"
-    at_zero = evaluate_checkpoint(compose_config("eval", [f"ckpt={ckpt}", "eps=0", "device=cpu", "progress=false",
+    at_zero = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", f"ckpt={ckpt}", "eps=0", "device=cpu", "progress=false",
                                                           f"output_dir={tmp_path / 'e0'}"]))
     assert at_zero["test"]["pgd"]["acc"] == at_zero["test"]["clean"]["acc"]
-    stronger = evaluate_checkpoint(compose_config("eval", [
+    stronger = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", 
         f"ckpt={ckpt}", "eps=8/255", "restarts=3", "evaluation.attacks.pgd.steps=7", "evaluation.num_examples=100",
         "split=train", "device=cpu", "progress=false", f"output_dir={tmp_path / 'e1'}"]))
     assert stronger["eps"] == pytest.approx(8 / 255) and stronger["num_examples"] == 100
@@ -95,7 +95,7 @@ def test_l2_threat_model_end_to_end(tmp_path):
 def test_the_evaluation_ending_training_and_advcli_eval_of_its_checkpoint_agree_exactly(tmp_path):
     # training draws random numbers for an epoch and more; the final evaluation must not depend on them
     metrics = train(compose_config("train", tiny_overrides(tmp_path / "run", "epochs=2", "restarts=2")))
-    evaluated = evaluate_checkpoint(compose_config("eval", [f"ckpt={tmp_path / 'run' / 'checkpoint.pt'}", "device=cpu",
+    evaluated = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", f"ckpt={tmp_path / 'run' / 'checkpoint.pt'}", "device=cpu",
                                                             "progress=false", f"output_dir={tmp_path / 'eval'}"]))
     assert evaluated["test"] == metrics["test"]  # every row: accuracy, loss, settings
     assert evaluated["sanity"] == metrics["sanity"]
@@ -110,7 +110,7 @@ def test_the_run_is_labelled_with_the_attack_chosen_on_the_command_line(tmp_path
 
 
 def test_the_held_out_check_runs_in_the_evaluation_precision_whatever_the_training_precision(tmp_path, monkeypatch):
-    from advcli import attacks, data, runtime
+    from advcli import attacks, config, data, runtime
     from advcli import train as train_module
     from advcli.evaluate import evaluate
 
@@ -129,8 +129,10 @@ def test_the_held_out_check_runs_in_the_evaluation_precision_whatever_the_traini
     train_split = data.load_split("synthetic", "train", root=".")
     n_val = min(64, len(train_split) // 10)  # data.val_size=64, at most a tenth of the split
     held_out = train_split.subset(slice(len(train_split) - n_val, len(train_split)))
+    cfg = compose_config("train", tiny_overrides(tmp_path))
+    validation_attack = config.instantiate("validation.attack", cfg.validation.attack)
     with runtime.seeded(0, torch.device("cpu")):
         again = evaluate(model, data.batches(held_out, 500),
-                         {"clean": attacks.none, "pgd": lambda m, x, y, e: attacks.pgd(m, x, y, e, steps=10)}, eps=0.1)
-    assert metrics["history"][0]["val_pgd_acc"] == again["pgd"]["acc"]
+                         {"clean": attacks.none, "robust": validation_attack}, eps=0.1)
+    assert metrics["history"][0]["val_robust_acc"] == again["robust"]["acc"]
     assert metrics["history"][0]["val_clean_acc"] == again["clean"]["acc"]

@@ -42,7 +42,7 @@ def test_training_writes_training_curves_png(synthetic_runs):
     assert png_size(synthetic_runs["pgd"] / "training_curves.png") == (900, 360)
     history = json.loads((synthetic_runs["pgd"] / "metrics.json").read_text())["history"]
     assert [entry["epoch"] for entry in history] == [1, 2]  # what the curves show: every epoch, every curve
-    assert all({"train_acc", "val_clean_acc", "val_pgd_acc", "train_loss"} <= set(entry) for entry in history)
+    assert all({"train_acc", "val_clean_acc", "val_robust_acc", "train_loss"} <= set(entry) for entry in history)
 
 
 def test_viz_draws_both_checkpoints_in_four_pictures(synthetic_runs, tmp_path, monkeypatch):

@@ -1,0 +1,312 @@
+"""Per-example evaluation outcomes: which examples each attack left correctly classified.
+
+Two ways to spend the attacks' work, both on the examples the model classifies correctly without attack
+(an example it already gets wrong is broken for every attack: x itself is adversarial at distance 0):
+
+- `attack_outcomes` (``evaluation=fast``): every attack runs on all of them, so each row of the table is that
+  attack's own robust accuracy and the "any attack" row is their per-example AND.
+- `cascade_outcomes` (``evaluation=default``): each attack runs only on what the attacks before it left
+  standing, so each row is the accuracy *after* that attack and the last row is the evaluation's number, as
+  in AutoAttack. An attack with a ``focus`` spends its work where it is most likely to pay: on the survivors
+  that came closest to being broken (smallest logit margin at the worst point found so far), a share at a
+  time, and moves on to the next share only while the last one broke something. An `Escalation` gives some
+  attacks stronger settings for the batches whose gradients mislead: where the attacks after the first broke
+  more than a set share of what the first one left standing (a good gradient attack leaves little for the
+  next one; on a model that masks its gradients APGD breaks many examples PGD could not).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcli import attacks as attacks_module
+from advcli import distributed, runtime
+from advcli.attacks import Attack
+from advcli.errors import ConfigError
+from advcli.stats import wilson_interval
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def is_clean(attack: Attack) -> bool:
+    """Whether ``attack`` is `attacks.none` (possibly bound with hyper-parameters by Hydra)."""
+    return getattr(attack, "func", attack) is attacks_module.none
+
+
+def with_interval(row: dict, hits: int, n: int) -> dict:
+    """``row`` with ``acc``, ``n`` and ``ci95`` (Wilson score interval, 95%) of ``hits`` correct out of ``n``."""
+    return {**row, "acc": hits / n, "n": n, "ci95": list(wilson_interval(hits, n))}
+
+
+@dataclass
+class Outcomes:
+    """Per-example results of one pass: which examples each attack left correctly classified, the
+    cross-entropy at each attack's output, the seconds each attack took (attack + forward) and how many
+    examples it ran on. ``cascade``: each row is the accuracy after that attack and the ones before it."""
+
+    clean: torch.Tensor                                   # bool (N,): correct without attack
+    correct: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool (N,)
+    loss: dict[str, torch.Tensor] = field(default_factory=dict)     # name -> float (N,)
+    time_s: dict[str, float] = field(default_factory=dict)
+    # models with an "adversarial input" output (trainer=adv_class): attack name -> bool (N,), the model
+    # predicted the flag on the attack's output; and on the clean input (false flags). Empty / None otherwise.
+    flagged: dict[str, torch.Tensor] = field(default_factory=dict)
+    false_flags: torch.Tensor | None = None
+    attacked: dict[str, int] = field(default_factory=dict)  # name -> examples the attack ran on
+    cascade: bool = False
+    escalated: dict[str, int] = field(default_factory=dict)  # name -> of those, at its escalated strength
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{name: {"acc", "n", "ci95", "loss", "attacked"}, ..., "any_attack": {"acc", "n", "ci95"}}``, fractions
+        in [0, 1], ``ci95`` the Wilson score interval. (Times are left out, so that two seeded runs give equal
+        results.)
+
+        For a model with an "adversarial input" output each attack also gets ``flagged`` (the fraction of
+        inputs predicted as the flag) and ``acc_with_rejection`` (correct or flagged: the attack failed);
+        the clean row's ``flagged`` is the false-flag rate, and ``any_attack`` gets the per-example worst
+        case with rejection and ``worst_attack``, the single attack with the lowest such accuracy.
+        """
+        n = len(self.clean)
+        if n == 0:
+            raise ConfigError("There were no examples to evaluate; check evaluation.num_examples and the split.")
+        results = {name: with_interval({"loss": self.loss[name].sum().item() / n,
+                                        "attacked": self.attacked.get(name, 0),
+                                        **({"escalated": self.escalated[name]} if name in self.escalated else {})},
+                                       int(self.correct[name].sum()), n)
+                   for name in self.correct}
+        unbroken = self.clean.clone()
+        for hits in self.correct.values():
+            unbroken &= hits
+        results["any_attack"] = with_interval({}, int(unbroken.sum()), n)
+        if self.flagged:
+            self._add_rejection(results, n)
+        return results
+
+    def _add_rejection(self, results: dict[str, dict[str, float]], n: int) -> None:
+        # only examples right without attack count: a falsely flagged clean input is an error, not a defence
+        held = self.clean.clone()
+        for name, flags in self.flagged.items():
+            survived = self.clean & (self.correct[name] | flags)
+            held &= survived
+            results[name].update(flagged=flags.sum().item() / n, acc_with_rejection=survived.sum().item() / n)
+        for name in set(self.correct) - set(self.flagged):  # the clean rows
+            results[name]["flagged"] = self.false_flags.sum().item() / n
+        worst = min(self.flagged, key=lambda name: results[name]["acc_with_rejection"])
+        results["any_attack"].update(acc_with_rejection=held.sum().item() / n, worst_attack=worst)
+
+    def head(self, n: int) -> Outcomes:
+        """The outcomes of the first ``n`` examples."""
+        return Outcomes(self.clean[:n], {k: v[:n] for k, v in self.correct.items()},
+                        {k: v[:n] for k, v in self.loss.items()}, dict(self.time_s),
+                        {k: v[:n] for k, v in self.flagged.items()},
+                        None if self.false_flags is None else self.false_flags[:n], dict(self.attacked), self.cascade,
+                        dict(self.escalated))
+
+    def gathered(self) -> Outcomes:
+        """Under torchrun: every rank's outcomes (each rank evaluated a contiguous share), in order."""
+        names, escalated = list(self.attacked), list(self.escalated)
+        counts = distributed.total_counts(*(self.attacked[k] for k in names), *(self.escalated[k] for k in escalated),
+                                          device=self.clean.device)
+        return Outcomes(distributed.gather(self.clean), {k: distributed.gather(v) for k, v in self.correct.items()},
+                        {k: distributed.gather(v) for k, v in self.loss.items()}, dict(self.time_s),
+                        {k: distributed.gather(v) for k, v in self.flagged.items()},
+                        None if self.false_flags is None else distributed.gather(self.false_flags),
+                        dict(zip(names, counts)), self.cascade, dict(zip(escalated, counts[len(names):])))
+@dataclass
+class _Parts:
+    """One pass's per-batch pieces, concatenated into `Outcomes` at the end."""
+
+    clean: list[torch.Tensor] = field(default_factory=list)
+    correct: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    loss: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    flagged: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    false_flags: list[torch.Tensor] = field(default_factory=list)
+    time_s: dict[str, float] = field(default_factory=dict)
+    attacked: dict[str, int] = field(default_factory=dict)
+    escalated: dict[str, int] = field(default_factory=dict)
+
+    def outcomes(self, device: torch.device, adversarial_class: bool, cascade: bool = False) -> Outcomes:
+        def cat(pieces: list[torch.Tensor], dtype=torch.bool) -> torch.Tensor:
+            return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype, device=device)
+
+        return Outcomes(clean=cat(self.clean), correct={k: cat(v) for k, v in self.correct.items()},
+                        loss={k: cat(v, torch.float32) for k, v in self.loss.items()}, time_s=self.time_s,
+                        flagged={k: cat(v) for k, v in self.flagged.items()} if adversarial_class else {},
+                        false_flags=cat(self.false_flags) if adversarial_class else None,
+                        attacked=self.attacked, cascade=cascade, escalated=self.escalated)
+
+
+def _attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, eps: float,
+                  amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at ``attack``'s output for a batch the model classifies correctly, and the attack's seconds."""
+    started = time.perf_counter()
+    with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
+        logits = model(attack(model, x, y, eps))  # input gradients enable grad inside the attack
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)  # so the time is the attack's, not a later one's
+    return logits.float(), time.perf_counter() - started
+
+
+def attack_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float, amp_dtype: torch.dtype | None = None,
+                    adversarial_class: bool = False) -> Outcomes:
+    """Attack every batch with every attack and keep the per-example results (see `Outcomes`).
+
+    Examples the model misclassifies without attack count as broken by every attack and are not
+    attacked; the rest go to every attack. The model runs in eval mode and is left in the mode it came
+    in, with its weights untouched. ``adversarial_class``: the model's last output means "adversarial
+    input"; record which inputs it flags. (Wrap ``batches`` in tqdm for a progress bar.)
+    """
+    parts = _new_parts(attacks)
+    with runtime.eval_mode(model):
+        for x, y in batches:
+            with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
+                logits = model(x).float()
+            clean, clean_loss = logits.argmax(dim=1) == y, F.cross_entropy(logits, y, reduction="none")
+            parts.clean.append(clean)
+            parts.false_flags.append(logits.argmax(dim=1) == logits.shape[1] - 1)
+            right = clean.nonzero().squeeze(1)  # attacks spend work only where the model is right
+            x_right, y_right = attacks_module.take(x, right), y[right]
+            for name, attack in attacks.items():
+                correct, loss, flagged = clean, clean_loss, torch.zeros_like(clean)
+                if not is_clean(attack) and len(right):
+                    attacked, seconds = _attack_batch(model, x_right, y_right, attack, eps, amp_dtype)
+                    correct, loss = torch.zeros_like(clean), clean_loss.clone()
+                    correct[right] = attacked.argmax(dim=1) == y_right
+                    flagged[right] = attacked.argmax(dim=1) == attacked.shape[1] - 1
+                    loss[right] = F.cross_entropy(attacked, y_right, reduction="none")
+                    parts.time_s[name] += seconds
+                    parts.attacked[name] += len(right)
+                elif not is_clean(attack):
+                    correct = torch.zeros_like(clean)
+                parts.correct[name].append(correct)
+                parts.loss[name].append(loss)
+                if name in parts.flagged:
+                    parts.flagged[name].append(flagged)
+    return parts.outcomes(next(model.parameters()).device, adversarial_class)
+
+
+
+
+def _new_parts(attacks: Mapping[str, Attack]) -> _Parts:
+    return _Parts(correct={n: [] for n in attacks}, loss={n: [] for n in attacks}, time_s=dict.fromkeys(attacks, 0.0),
+                  flagged={n: [] for n in attacks if not is_clean(attacks[n])}, attacked=dict.fromkeys(attacks, 0))
+
+
+def margin_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """How far each example is from being broken: its true logit minus the largest other one (< 0: broken)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    return true - logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+
+
+def focus_shares(margin: torch.Tensor, share: float | None) -> list[torch.Tensor]:
+    """Positions ``0..len(margin)-1`` in the order an attack with focus ``share`` takes them: smallest margin
+    first, in chunks of ``ceil(share * len)`` (one chunk of everything without a focus)."""
+    if share is None or share >= 1:
+        return [torch.arange(len(margin), device=margin.device)]
+    order = margin.argsort()
+    return list(order.split(max(1, math.ceil(share * len(order)))))
+
+
+@dataclass
+class _Standing:
+    """The examples of one batch no attack has broken yet, with the worst point found for each so far."""
+
+    index: torch.Tensor      # positions in the batch, int64 (m,)
+    logits: torch.Tensor     # logits at the worst point found so far, float (m, K)
+    margin: torch.Tensor     # margin_of(logits), float (m,)
+
+
+def _still_standing(index: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> _Standing:
+    """The rows of ``index`` whose worst point found so far (``logits``) is still correctly classified."""
+    alive = logits.argmax(dim=1) == y[index]
+    return _Standing(index[alive], logits[alive], margin_of(logits[alive], y[index[alive]]))
+
+
+def _run_focused(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, eps: float, share: float | None,
+                 standing: _Standing, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, int, float]:
+    """One attack of a cascade on the standing examples, a focus share at a time while shares still break
+    something: the standing examples' logits at the worst point found now, how many it ran on, its seconds."""
+    attacked, seconds, logits = 0, 0.0, standing.logits.clone()
+    for chunk in focus_shares(standing.margin, share):
+        rows = standing.index[chunk]
+        found, took = _attack_batch(model, attacks_module.take(x, rows), y[rows], attack, eps, amp_dtype)
+        attacked, seconds = attacked + len(rows), seconds + took
+        worse = margin_of(found, y[rows]) < standing.margin[chunk]
+        logits[chunk[worse]] = found[worse]
+        if share is not None and not bool((found.argmax(dim=1) != y[rows]).any()):
+            break  # this share broke nothing: the ones further from the boundary will not break either
+    return logits, attacked, seconds
+
+
+def _cascade_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, attack: Attack, eps: float,
+                  share: float | None, standing: _Standing, worst: torch.Tensor, parts: _Parts, escalated: bool,
+                  amp_dtype: torch.dtype | None) -> _Standing:
+    """Run one attack of a cascade on the standing examples, book its work in ``parts``, record the worst
+    points found in ``worst`` (the batch's logits) and return what is still standing."""
+    found, count, seconds = _run_focused(model, x, y, attack, eps, share, standing, amp_dtype)
+    parts.attacked[name] += count
+    if escalated:
+        parts.escalated[name] += count
+    parts.time_s[name] += seconds
+    worst[standing.index] = found
+    return _still_standing(standing.index, found, y)
+
+
+class Escalation(NamedTuple):
+    """Stronger settings for some attacks of a cascade, for the batches where gradients mislead."""
+
+    when: float                    # misleading: the attacks after the first broke more than this share of what it left
+    attacks: Mapping[str, Attack]  # name -> that attack at its escalated strength
+
+
+def misleading(first_left: int | None, standing: int, when: float) -> bool:
+    """Whether the attacks after the first broke more than ``when`` of the ``first_left`` examples the first
+    one left standing (``standing`` are left now)."""
+    return bool(first_left) and (first_left - standing) > when * first_left
+
+
+def cascade_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float,
+                     focus: Mapping[str, float] | None = None, escalate: Escalation | None = None,
+                     amp_dtype: torch.dtype | None = None) -> Outcomes:
+    """Attack every batch with each attack in turn, each only on what the earlier ones left correctly
+    classified (see the module's docstring); ``focus``: ``{attack name: share}`` for attacks that take the
+    survivors closest to the boundary first, a share at a time; ``escalate``: stronger settings for batches
+    whose gradients mislead. ``correct[name]``: still correct after that attack and every one before it;
+    ``loss[name]``: the cross-entropy at the worst point found up to it."""
+    focus = dict(focus or {})
+    parts = _new_parts(attacks)
+    parts.escalated = dict.fromkeys(escalate.attacks if escalate is not None else (), 0)  # same keys on every rank
+    with runtime.eval_mode(model):
+        for x, y in batches:
+            with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
+                logits = model(x).float()
+            clean = logits.argmax(dim=1) == y
+            parts.clean.append(clean)
+            right = clean.nonzero().squeeze(1)
+            standing = _still_standing(right, logits[right], y)
+            worst, first_left = logits.clone(), None
+            for name, attack in attacks.items():
+                if not is_clean(attack) and len(standing.index):
+                    was_misleading = escalate is not None and misleading(first_left, len(standing.index), escalate.when)
+                    stronger = was_misleading and name in escalate.attacks
+                    standing = _cascade_step(model, x, y, name, escalate.attacks[name] if stronger else attack, eps,
+                                             focus.get(name), standing, worst, parts, stronger, amp_dtype)
+                    first_left = len(standing.index) if first_left is None else first_left
+                    if (not was_misleading and escalate is not None and name in escalate.attacks and len(standing.index)
+                            and misleading(first_left, len(standing.index), escalate.when)):
+                        # this attack revealed the misleading gradients: it runs again, at its escalated
+                        # strength (a fresh random start), on what it left
+                        standing = _cascade_step(model, x, y, name, escalate.attacks[name], eps, focus.get(name),
+                                                 standing, worst, parts, True, amp_dtype)
+                correct = torch.zeros_like(clean)
+                correct[standing.index] = True
+                parts.correct[name].append(correct)
+                parts.loss[name].append(F.cross_entropy(worst, y, reduction="none"))
+    return parts.outcomes(next(model.parameters()).device, adversarial_class=False, cascade=True)
