@@ -311,6 +311,7 @@ def check_eval_settings(cfg: DictConfig) -> CheckpointEvaluation:
     attack_cfgs = eval_attack_configs(cfg, spec)
     config.check_evaluation_attacks(attack_cfgs, norm=s.norm, num_classes=checkpoint.num_outputs(spec),
                                     adversarial_class=bool(spec.get("adversarial_class")))
+    escalation(attack_cfgs, config.plain(cfg.evaluation.get("escalate") or {}))
     return CheckpointEvaluation(cfg, payload, s, attack_cfgs, config.require_choice("split", cfg.split, SPLITS))
 
 

@@ -203,6 +203,15 @@ def test_attack_choice_that_clashes_with_a_default_attack_is_refused(tmp_path, t
                                                     "progress=false", f"output_dir={tmp_path}"]))
 
 
+def test_escalating_an_attack_the_evaluation_lacks_is_refused_before_loading_data(tmp_path, tiny_checkpoint):
+    from advcli.errors import ConfigError
+    from advcli.evaluate import check_eval_settings
+
+    with pytest.raises(ConfigError, match="has no attack named nosuch"):
+        check_eval_settings(compose_config("eval", [f"ckpt={tiny_checkpoint}", "+evaluation.escalate.attacks.nosuch.steps=3",
+                                                    "device=cpu", f"output_dir={tmp_path}"]))
+
+
 def test_autoattack_refuses_inputs_the_reference_code_cannot_handle():
     from advcli.errors import ConfigError
 

@@ -13,7 +13,7 @@ def test_pgd_training_on_mnist_beats_standard_training_under_pgd(tmp_path, real_
     def run(attack: str) -> dict:
         return train(compose_config("train", [
             f"attack={attack}", "model=cnn", "dataset=mnist", f"data.root={real_data_root}", "data.download=false",
-            "eps=0.1", "epochs=1", "data.train_size=4000", "evaluation=fast", "evaluation.num_examples=500", "device=cpu",
+            "eps=0.1", "epochs=1", "data.train_size=4000", "data.val_size=200", "evaluation=fast", "evaluation.num_examples=500", "device=cpu",
             "evaluation.sanity.enabled=false",
             "progress=false", f"output_dir={tmp_path / attack}"]))
 

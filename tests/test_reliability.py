@@ -235,16 +235,21 @@ def test_resuming_another_model_is_refused_by_name(tmp_path):
     ("norm=l3", "norm=l3"),
     ("eps=1/0", "divides by zero"),
 ])
-def test_bad_input_is_one_paragraph_before_any_work(tmp_path, override, fragment):
+def test_bad_input_is_one_paragraph_before_any_work(tmp_path, monkeypatch, override, fragment):
+    # in-process; the shell's side (exit status 2, one line) is test_the_refusal_is_one_paragraph_and_exit_status_2_from_the_shell
+    from advcli.errors import UserError, one_paragraph
+    from advcli.train import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU, here or on a GPU machine
     run_dir = tmp_path / "run"
-    args = [override, "dataset=synthetic", "model=mlp", f"hydra.run.dir={run_dir}"]
+    args = [override, "dataset=synthetic", "model=mlp", f"output_dir={run_dir}"]
     if not override.startswith("device="):
         args.append("device=cpu")
-    result = run_advcli("train", *args, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU visible, here or on a GPU machine
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("advcli: error:")]
-    assert len(errors) == 1 and fragment in errors[0], result.stderr
-    assert "Traceback" not in result.stderr and not (run_dir / "checkpoint.pt").exists()
+    with pytest.raises(UserError) as error:
+        train(compose_config("train", args))
+    message = one_paragraph(error.value)
+    assert fragment in message and "\n" not in message
+    assert not (run_dir / "checkpoint.pt").exists()
 
 
 def test_debug_switch_shows_the_traceback(tmp_path):

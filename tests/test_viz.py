@@ -137,7 +137,8 @@ def test_pgd_trained_saliency_follows_the_digit_more_than_standard(tmp_path, rea
     for attack in ("none", "pgd"):
         metrics = train(compose_config("train", [
             f"attack={attack}", "model=small_cnn", "dataset=mnist", f"data.root={real_data_root}",
-            "data.download=false", "eps=0.2", "epochs=2", "data.train_size=8000", "evaluation.num_examples=300",
+            "data.download=false", "eps=0.2", "epochs=2", "data.train_size=8000", "data.val_size=100",
+            "evaluation=fast", "evaluation.num_examples=300",
             "evaluation.sanity.enabled=false", "device=cpu", "progress=false", f"output_dir={tmp_path / attack}"]))
         models[attack] = rebuild_model(load(metrics["checkpoint"])).eval()
     test = data.load_split("mnist", "test", root=real_data_root, download=False).subset(slice(0, 300))
