@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -54,8 +54,11 @@ def square_l2_fits(h: int, w: int) -> bool:
     return offset + (h // s) * s <= h and offset + (w // s) * s <= w
 
 
+AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
-               version: str = "standard", seed: int = 0) -> torch.Tensor:
+               version: str = "standard", seed: int = 0, attacks: Sequence[str] | None = None) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
     diverse parameter-free attacks"), run by the authors' code (the ``pyautoattack`` package).
 
@@ -68,6 +71,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
         model: (B, C, H, W) pixels in [0, 1] -> (B, K) logits. x: (B, C, H, W) in [0, 1]. y: (B,) int64.
         eps: radius in pixel units. norm: "linf" or "l2". version: AutoAttack's "standard" (or "plus",
             "rand"). seed: AutoAttack's seed; the caller's random generator state is restored after.
+        attacks: a part of the version's attacks, with its settings (e.g. ``["apgd-ce", "apgd-t"]``, the
+            figure papers quote as "AutoAttack (APGD-CE + APGD-T)"); None: all of them.
 
     Returns:
         x_adv: (B, C, H, W), detached, in [0, 1]; rows AutoAttack could not break are x itself.
@@ -97,6 +102,13 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version=version, seed=seed, device=x.device)
     adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
     adversary.fab.n_target_classes = min(9, num_classes - 1)
+    if attacks is not None:
+        unknown = sorted(set(attacks) - set(AUTOATTACK_PARTS))
+        if unknown or not attacks:
+            raise ConfigError(f"AutoAttack's attacks={list(attacks)}: {', '.join(unknown) or 'an empty list'} is not "
+                              f"among {', '.join(AUTOATTACK_PARTS)}; e.g. attacks=[apgd-ce,apgd-t], or null for "
+                              "the whole version.")
+        adversary.attacks_to_run = list(attacks)
     cuda = [x.device] if x.device.type == "cuda" else []
     # parameters frozen: FAB calls .backward(), which would otherwise fill the parameters' .grad;
     # fork_rng: AutoAttack reseeds the global generators

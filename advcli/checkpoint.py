@@ -180,7 +180,7 @@ def restore_training(payload: dict[str, Any], path: str | Path, *, model: nn.Mod
                      scaler) -> None:
     """Load a checkpoint's weights and optimiser, schedule and scaler states into this run's objects."""
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(payload.get("train_model", payload["model"]))  # an EMA run: the trained weights
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         scaler.load_state_dict(payload["scaler"])

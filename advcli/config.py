@@ -150,6 +150,12 @@ def check_attack(where: str, attack_cfg: Any) -> None:
 REFERENCE_ATTACKS = ("apgd", "apgd_targeted", "square")
 
 
+def autoattack_parts() -> tuple[str, ...]:
+    from advcli.autoattack import AUTOATTACK_PARTS  # torch is imported only by what runs attacks
+
+    return AUTOATTACK_PARTS
+
+
 def check_attack_fits(where: str, attack_cfg: Any, *, norm: str, num_classes: int, training: bool = False) -> None:
     """Check that an attack config can run in this run: the run's threat model, the model's classes, and (for
     the training attack) an attack meant for training. Everything here is known before any work starts."""
@@ -174,6 +180,10 @@ def check_attack_fits(where: str, attack_cfg: Any, *, norm: str, num_classes: in
         raise ConfigError(
             f"{where}.loss=dlr needs at least 3 classes (it divides the margin by the gap between the first and "
             f"third largest logits), but this model has {num_classes}. Use {where}.loss=margin or ce.")
+    parts = attack_cfg.get("attacks") if kind == "autoattack" else None
+    if parts is not None and (not parts or set(parts) - set(autoattack_parts())):
+        raise ConfigError(f"{where}.attacks={list(parts)}: AutoAttack's attacks are {', '.join(autoattack_parts())}; "
+                          f"pick some of them (e.g. {where}.attacks=[apgd-ce,apgd-t]) or null for the whole version.")
     if kind in ("autoattack", "apgd_targeted") and num_classes < 4:
         raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
                           f"evaluate it with evaluation=fast (PGD on the cross-entropy and a margin loss), or leave "
@@ -350,6 +360,10 @@ def check_training(cfg: Any) -> None:
     if cfg.data.train_size is not None:
         require_int("data.train_size", cfg.data.train_size, minimum=1, hint="Use null for the whole split.")
     require_choice("overfit_guard.action", cfg.overfit_guard.action, ("rollback", "stop", "warn", "off"))
+    decay = (cfg.get("ema") or {}).get("decay")
+    if decay is not None and not (isinstance(decay, (int, float)) and 0 < decay < 1):
+        raise ConfigError(f"ema.decay={decay} must lie strictly between 0 and 1 (e.g. ema.decay=0.995: an average "
+                          "over the last ~200 steps), or be null to evaluate the trained weights themselves.")
     check_attack("attack", cfg.attack)
     check_attack("validation.attack", cfg.validation.attack)
     check_trainer(cfg.trainer)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from advcli import distributed, runtime
@@ -84,6 +85,7 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None = None
+    ema: AveragedModel | None = None   # updated after every step (`advcli.averaging.ema_model`)
 
     @classmethod
     def fp32(cls, optimizer: torch.optim.Optimizer, device_type: str = "cpu") -> "Optimisation":
@@ -148,6 +150,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
+    if opt.ema is not None:
+        opt.ema.update_parameters(model)
     return step
 
 

@@ -143,10 +143,13 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
 def training_results(metrics: Mapping[str, Any]) -> str:
     """What ``advcli train`` prints at its end: how the model was trained, the results table, the sanity report."""
     how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
+    how += f" for {metrics['epochs_trained']} epoch(s)"
+    if metrics.get("ema_decay") is not None:
+        how += f", evaluated as the EMA of its weights (decay {metrics['ema_decay']})"
     sanity = f"{sanity_table(metrics['sanity'])}\n" if metrics.get("sanity") else ""
     table = results_table(metrics["test"], eps=metrics["eps"], norm=metrics["norm"], n=metrics.get("num_test"),
                           cascade=metrics.get("cascade"))
-    return (f"\n{metrics['dataset']} / {metrics['model']}, trained with {how} for {metrics['epochs_trained']} epoch(s); "
+    return (f"\n{metrics['dataset']} / {metrics['model']}, trained with {how}; "
             f"test set ({metrics['num_test']} examples):\n{evaluation_note(metrics)}{table}\n{sanity}"
             f"train {metrics['train_time_s']:.1f}s, eval {metrics['eval_time_s']:.1f}s")
 

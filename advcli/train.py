@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from advcli import attacks, checkpoint, config, data, distributed, paths, report, runtime
+from advcli import attacks, averaging, checkpoint, config, data, distributed, paths, report, runtime
 from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
 from advcli.errors import ConfigError
 from advcli.guards import StopRequests, never_robust, overfitting
@@ -112,6 +112,12 @@ class Run:
     def adversarial_class(self) -> bool:
         return bool(self.spec["adversarial_class"])
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is validated, evaluated and saved as the run's: the EMA of the weights when
+        ``ema.decay`` is set, else the trained weights themselves."""
+        return self.model if self.opt.ema is None else self.opt.ema.module
+
     def epoch_plan(self, epoch: int) -> EpochPlan:
         cfg, size = self.cfg, len(self.train_set)
         return EpochPlan(eps=self.choices.settings.eps, epoch=epoch, total=self.steps_per_epoch,
@@ -164,8 +170,10 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
         val_attacks["pgd_adaptive"] = functools.partial(val_attacks["robust"], loss="rejection_margin")
     if choices.attack_mode == "eval" and uses_batchnorm(model):
         log.info("the training attack runs with BatchNorm in eval mode (attack_mode=%s)", cfg.attack_mode)
+    decay = cfg.get("ema", {}).get("decay")
     return Run(cfg, choices, ranks, out, spec, model, net, channels_last,
-               Optimisation(optimizer, scheduler, runtime.grad_scaler(device, amp_dtype), amp_dtype),
+               Optimisation(optimizer, scheduler, runtime.grad_scaler(device, amp_dtype), amp_dtype,
+                            averaging.ema_model(model, float(decay)) if decay is not None else None),
                runtime.resolve_amp(cfg.evaluation.amp, device), train_set, val_set, test_set, val_attacks,
                config.fingerprint(cfg, precision=runtime.describe_precision(amp_dtype)), steps_per_epoch)
 
@@ -198,6 +206,7 @@ def resume(run: Run) -> TrainingState:
     checkpoint.check_new_length(payload, path, epochs=run.cfg.epochs, lr_schedule=run.cfg.lr_schedule)
     checkpoint.restore_training(payload, path, model=run.model, optimizer=run.opt.optimizer,
                                 scheduler=run.opt.scheduler, scaler=run.opt.scaler)
+    restore_average(run, payload)
     # a changed number of epochs: what is left of the schedule stretches to the new length, without a jump
     run.opt.scheduler.lr_lambdas[0].stretch(run.opt.scheduler.last_epoch, run.cfg.epochs * run.steps_per_epoch)
     if not checkpoint.restore_rank_rng(payload["rng"], run.ranks.rank, run.ranks.world):
@@ -212,10 +221,21 @@ def resume(run: Run) -> TrainingState:
     return state
 
 
+def restore_average(run: Run, payload: dict[str, Any]) -> None:
+    """With ``ema.decay``: the checkpoint's ``model`` is the average (what eval and viz load), ``train_model``
+    the weights training continues from."""
+    if run.opt.ema is not None:
+        run.opt.ema.module.load_state_dict(payload["model"])
+        run.opt.ema.n_averaged.fill_(payload["ema_updates"])
+
+
 def snapshot(run: Run, state: TrainingState, progress: EpochProgress | None = None) -> dict[str, Any]:
     """What a checkpoint holds (every rank calls it: the random states are gathered from all of them)."""
     opt = run.opt
-    return {"model": run.model.state_dict(), "model_spec": run.spec, "optimizer": opt.optimizer.state_dict(),
+    averaged = {} if opt.ema is None else {"train_model": run.model.state_dict(),
+                                           "ema_updates": int(opt.ema.n_averaged)}
+    return {"model": run.eval_model.state_dict(), **averaged, "model_spec": run.spec,
+            "optimizer": opt.optimizer.state_dict(),
             "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(), "epoch": state.epoch,
             "partial": progress.to_plain() if progress else None,
             "rng": distributed.every_rank(checkpoint.capture_rng()), "history": state.history,
@@ -248,7 +268,7 @@ def validate(run: Run) -> dict[str, float]:
     s = run.choices.settings
     share = run.val_set.subset(data.share(len(run.val_set), run.ranks.shard))
     with runtime.seeded(int(run.cfg.evaluation.seed) + run.ranks.rank, run.val_set.images.device):
-        val = evaluate(run.model, data.batches(share, s.eval_batch_size, channels_last=run.channels_last),
+        val = evaluate(run.eval_model, data.batches(share, s.eval_batch_size, channels_last=run.channels_last),
                        run.val_attacks, eps=s.eps, amp_dtype=run.eval_amp_dtype, gather=run.ranks.enabled,
                        adversarial_class=run.adversarial_class)
     entry = {"val_clean_acc": val["clean"]["acc"], "val_robust_acc": val["robust"]["acc"]}
@@ -310,7 +330,9 @@ def guard(run: Run, state: TrainingState) -> bool:
     if run.cfg.overfit_guard.action not in ("rollback", "stop"):
         return False
     if run.cfg.overfit_guard.action == "rollback":
-        run.model.load_state_dict(checkpoint.load(run.out / "best.pt")["model"])
+        best = checkpoint.load(run.out / "best.pt")
+        run.model.load_state_dict(best.get("train_model", best["model"]))
+        restore_average(run, best)
     save(run, run.out / "checkpoint.pt", snapshot(run, state))  # a rerun sees `stopped` and only evaluates
     return True
 
@@ -324,7 +346,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
     eval_start = time.perf_counter()
     settings = eval_settings(cfg.evaluation, s, amp_dtype=run.eval_amp_dtype, channels_last=run.channels_last,
                              adversarial_class=run.adversarial_class, progress=cfg.progress and run.ranks.is_main)
-    found = evaluate_model(run.model, run.test_set, evaluation_attack_configs(cfg.evaluation, run.spec), settings,
+    found = evaluate_model(run.eval_model, run.test_set, evaluation_attack_configs(cfg.evaluation, run.spec), settings,
                            run.ranks)
     train_time = sum(entry["time_s"] for entry in state.history)
     metrics = {
@@ -332,6 +354,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "attack": c.attack_name, "attack_settings": training_attack_settings(cfg), "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
         "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
+        "ema_decay": cfg.get("ema", {}).get("decay"),  # not null: the results are the EMA of the weights'
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
         "train_time_s": train_time,
         "eval_time_s": time.perf_counter() - eval_start, "wall_time_s": time.perf_counter() - started,

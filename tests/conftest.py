@@ -56,7 +56,8 @@ def start_advcli(*args: str, cwd=None, env: dict[str, str] | None = None) -> sub
 
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
     """A run on the synthetic data that takes a few seconds on a CPU."""
-    return ["dataset=synthetic", "model=mlp", "epochs=1", "batch_size=64", "device=cpu", "progress=false",
+    # a constant learning rate: tests that resume with more epochs need one that has not reached 0
+    return ["dataset=synthetic", "model=mlp", "epochs=1", "batch_size=64", "lr_schedule=constant", "device=cpu", "progress=false",
             f"output_dir={tmp_path}", "data.val_size=64", "eps=0.1", "eps_warmup=0", "evaluation=fast",
             "evaluation.sanity.stronger.attacks.square.queries=300", *extra]  # the probe's Square: seconds, not tens
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, run_advcli
 
-TINY = ["dataset=synthetic", "model=mlp", "epochs=1", "device=cpu", "progress=false", "data.val_size=32",
+TINY = ["dataset=synthetic", "model=mlp", "epochs=1", "lr_schedule=constant", "device=cpu", "progress=false", "data.val_size=32",
         "evaluation=fast", "evaluation.num_examples=64", "attack.steps=2", "evaluation.attacks.pgd.steps=3",
         "evaluation.sanity.stronger.attacks.square.queries=300"]  # the sanity probe's Square: seconds, not minutes
 

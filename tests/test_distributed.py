@@ -20,7 +20,7 @@ from advcli.data import ImageSet
 # net the input gradient's last-bit differences between batch sizes flip the sign of near-zero pixels of
 # the FGSM step, and the runs drift apart for reasons that have nothing to do with the split.
 COMMON = ["dataset=synthetic", "dataset.num_train=300", "dataset.crop_padding=1", "model=mlp",
-          "attack=fgsm", "eps=0.1", "eps_warmup=0", "epochs=2", "batch_size=64", "amp=off", "device=cpu",
+          "attack=fgsm", "eps=0.1", "eps_warmup=0", "epochs=2", "batch_size=64", "lr_schedule=constant", "amp=off", "device=cpu",
           "progress=false", "data.val_size=30", "evaluation.num_examples=100", "evaluation.sanity.enabled=false",
           "resume=never", "seed=3", "evaluation=fast"]
 
@@ -107,7 +107,7 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint_and_the_run_r
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "advcli.train", "dataset=synthetic", "dataset.num_train=3000", "model=mlp", "attack=pgd", "eps=0.1",
-               "eps_warmup=0", "epochs=4", "batch_size=32", "amp=off", "device=cpu", "progress=false", "log_every=2",
+               "eps_warmup=0", "epochs=4", "batch_size=32", "lr_schedule=constant", "amp=off", "device=cpu", "progress=false", "log_every=2",
                "data.val_size=30", "evaluation.num_examples=50", "evaluation.sanity.enabled=false",
                f"output_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -130,7 +130,8 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint_and_the_run_r
 def test_two_gloo_ranks_resumed_mid_run_draw_their_own_random_starts_and_end_as_an_unbroken_run(tmp_path):
     # PGD from random starts on both ranks; the second run stops after epoch 1 and is resumed with more epochs
     common = ["dataset=synthetic", "dataset.num_train=300", "model=mlp", "attack=pgd", "attack.steps=2", "eps=0.1",
-              "eps_warmup=0", "batch_size=64", "amp=off", "device=cpu", "progress=false", "data.val_size=30",
+              "eps_warmup=0", "batch_size=64", "lr_schedule=constant", "amp=off", "device=cpu", "progress=false",
+              "data.val_size=30",
               "evaluation.num_examples=100", "evaluation.sanity.enabled=false", "seed=3"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 "advcli.train"]

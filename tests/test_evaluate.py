@@ -212,6 +212,21 @@ def test_escalating_an_attack_the_evaluation_lacks_is_refused_before_loading_dat
                                                     "device=cpu", f"output_dir={tmp_path}"]))
 
 
+def test_autoattack_runs_the_part_of_its_version_that_is_asked_for(monkeypatch):
+    import pyautoattack
+    from advcli.errors import ConfigError
+
+    ran = []
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation",
+                        lambda self, x, y, **_: (ran.append(list(self.attacks_to_run)), (x, y))[1])
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    autoattack(TinyConvNet(4).eval(), x, y, 0.1, attacks=["apgd-ce", "apgd-t"])
+    autoattack(TinyConvNet(4).eval(), x, y, 0.1)
+    assert ran == [["apgd-ce", "apgd-t"], ["apgd-ce", "apgd-t", "fab-t", "square"]]
+    with pytest.raises(ConfigError, match="apgd-x"):
+        autoattack(TinyConvNet(4).eval(), x, y, 0.1, attacks=["apgd-ce", "apgd-x"])
+
+
 def test_autoattack_refuses_inputs_the_reference_code_cannot_handle():
     from advcli.errors import ConfigError
 

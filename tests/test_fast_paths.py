@@ -58,7 +58,8 @@ def test_bf16_training_reaches_fp32_accuracy_on_real_data(tmp_path, real_data_ro
     def clean_accuracy(amp: str) -> float:
         metrics = train(compose_config("train", [
             "dataset=mnist", "model=small_cnn", "attack=none", f"amp={amp}", f"data.root={real_data_root}",
-            "data.download=false", "data.train_size=16000", "data.val_size=100", "lr=3e-3", "epochs=1", "evaluation.num_examples=2000",
+            "data.download=false", "data.train_size=16000", "data.val_size=100", "batch_size=128", "lr=3e-3", "lr_schedule=constant",
+            "ema.decay=null", "epochs=1", "evaluation.num_examples=2000",
             "evaluation=fast", "evaluation.attacks.pgd.steps=1", "evaluation.attacks.pgd_margin.steps=1", "evaluation.sanity.enabled=false",
             "device=cpu", "progress=false", f"output_dir={tmp_path / amp}"]))
         return metrics["test"]["clean"]["acc"]
@@ -148,9 +149,11 @@ def test_never_robust_flags_adversarial_training_whose_held_out_pgd_stays_at_zer
 
 
 def test_fast_at_preset_composes_and_runs(tmp_path):
-    cfg = compose_config("train", tiny_overrides(tmp_path, "experiment=fast_at", "epochs=2"))
-    assert cfg.attack._target_ == "advcli.attacks.fgsm" and cfg.attack.random_start is True
+    tiny = [o for o in tiny_overrides(tmp_path, "experiment=fast_at", "epochs=2") if not o.startswith("lr_schedule=")]
+    cfg = compose_config("train", tiny)  # the preset's own schedule
+    assert cfg.attack._target_ == "advcli.attacks.fgsm" and cfg.attack.random_start is True and cfg.ema.decay is None
     assert cfg.lr_schedule == "onecycle" and cfg.overfit_guard.action == "rollback"
+    assert compose_config("train", ["experiment=fast_at"]).model.name == "cnn"  # whatever the default model
     assert compose_config("train", ["experiment=fast_at", "model=small_cnn"]).model.name == "small_cnn"
     metrics = train(cfg)
     assert metrics["attack"] == "fgsm" and len(metrics["history"]) == 2

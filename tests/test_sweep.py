@@ -17,7 +17,7 @@ import pytest
 from advcli import checkpoint
 from conftest import run_advcli, start_advcli
 
-TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "epochs=1", "device=cpu", "progress=false",
+TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "epochs=1", "lr_schedule=constant", "device=cpu", "progress=false",
         "eps_warmup=0", "data.val_size=32", "evaluation.num_examples=64", "validation.attack.steps=2",
         "evaluation=fast", "evaluation.attacks.pgd.steps=3"]
 

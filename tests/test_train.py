@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from advcli import checkpoint
 from advcli.evaluate import evaluate_checkpoint
+from advcli.report import training_results
 from advcli.train import train
 from conftest import compose_config, tiny_overrides
 
@@ -67,16 +69,32 @@ def test_seeded_cpu_runs_are_reproducible(tmp_path):
     assert [e["train_loss"] for e in first["history"]] == [e["train_loss"] for e in second["history"]]
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
-    train(compose_config("train", tiny_overrides(tmp_path / "straight", "epochs=2")))
-    train(compose_config("train", tiny_overrides(tmp_path / "first", "epochs=1")))
-    resumed = train(compose_config("train", tiny_overrides(tmp_path / "resumed", "epochs=2",
+@pytest.mark.parametrize("extra", [[], ["ema.decay=0.9"]], ids=["weights", "ema"])
+def test_resume_continues_to_the_same_weights(tmp_path, extra):
+    train(compose_config("train", tiny_overrides(tmp_path / "straight", "epochs=2", *extra)))
+    train(compose_config("train", tiny_overrides(tmp_path / "first", "epochs=1", *extra)))
+    resumed = train(compose_config("train", tiny_overrides(tmp_path / "resumed", "epochs=2", *extra,
                                                            f"resume={tmp_path / 'first' / 'checkpoint.pt'}")))
     straight = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
     again = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
     assert again["epoch"] == 2 and len(resumed["history"]) == 2
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, again["model"][name]), name
+    for key in ("model", "train_model") if extra else ("model",):  # with EMA: the average and the trained weights
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, again[key][name]), (key, name)
+
+
+def test_an_ema_run_evaluates_and_saves_the_average_and_resumes_from_the_trained_weights(tmp_path):
+    metrics = train(compose_config("train", tiny_overrides(tmp_path, "ema.decay=0.9", "epochs=2")))
+    payload = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert payload["ema_updates"] == 2 * math.ceil(metrics["num_train"] / 64)  # every step updated the average
+    differs = [not torch.equal(payload["model"][k], payload["train_model"][k]) for k in payload["model"]]
+    assert any(differs), "the saved model is the trained weights, not their average"
+    assert metrics["ema_decay"] == 0.9 and "EMA of its weights" in training_results(metrics)
+    # advcli eval of the checkpoint evaluates what the run evaluated: the average
+    again = evaluate_checkpoint(compose_config("eval", [f"ckpt={tmp_path / 'checkpoint.pt'}", "evaluation=fast",
+                                                        "evaluation.sanity.enabled=false", "device=cpu",
+                                                        "progress=false", f"output_dir={tmp_path / 'eval'}"]))
+    assert again["test"]["clean"]["acc"] == metrics["test"]["clean"]["acc"]
 
 
 def test_checkpoint_holds_what_eval_needs_as_plain_data(tmp_path):

@@ -137,7 +137,7 @@ def test_pgd_trained_saliency_follows_the_digit_more_than_standard(tmp_path, rea
     for attack in ("none", "pgd"):
         metrics = train(compose_config("train", [
             f"attack={attack}", "model=small_cnn", "dataset=mnist", f"data.root={real_data_root}",
-            "data.download=false", "eps=0.2", "epochs=2", "data.train_size=8000", "data.val_size=100",
+            "data.download=false", "eps=0.2", "epochs=2", "data.train_size=8000", "data.val_size=100", "batch_size=128", "lr=1e-3", "lr_schedule=constant", "ema.decay=null",
             "evaluation=fast", "evaluation.num_examples=300",
             "evaluation.sanity.enabled=false", "device=cpu", "progress=false", f"output_dir={tmp_path / attack}"]))
         models[attack] = rebuild_model(load(metrics["checkpoint"])).eval()
