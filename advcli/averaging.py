@@ -15,9 +15,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 
-def ema_decay(decay: float, updates: int) -> float:
-    """The decay of update number ``updates + 1`` (``updates`` already averaged in)."""
-    return min(decay, (1 + updates) / (10 + updates))
+def ema_decay(decay: float, updates: int | torch.Tensor) -> float | torch.Tensor:
+    """The decay of update number ``updates + 1`` (``updates`` already averaged in); on the device's counter
+    tensor it stays a tensor, so the training step never waits for the host."""
+    warmup = (1 + updates) / (10 + updates)
+    return torch.clamp(warmup, max=decay) if torch.is_tensor(warmup) else min(decay, warmup)
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
@@ -32,8 +34,7 @@ def ema_model(model: nn.Module, decay: float) -> AveragedModel:
         if not averaged[0].is_floating_point():
             torch._foreach_copy_(averaged, current)
             return
-        # ema_decay on the device's counter: no host sync in the training step
-        weight = 1 - torch.clamp((1 + updates) / (10 + updates), max=decay)
+        weight = 1 - ema_decay(decay, updates)
         torch._foreach_lerp_(averaged, current, weight.to(averaged[0].dtype))
 
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

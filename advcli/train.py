@@ -170,7 +170,7 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
         val_attacks["pgd_adaptive"] = functools.partial(val_attacks["robust"], loss="rejection_margin")
     if choices.attack_mode == "eval" and uses_batchnorm(model):
         log.info("the training attack runs with BatchNorm in eval mode (attack_mode=%s)", cfg.attack_mode)
-    decay = cfg.get("ema", {}).get("decay")
+    decay = cfg.ema.decay
     return Run(cfg, choices, ranks, out, spec, model, net, channels_last,
                Optimisation(optimizer, scheduler, runtime.grad_scaler(device, amp_dtype), amp_dtype,
                             averaging.ema_model(model, float(decay)) if decay is not None else None),
@@ -354,7 +354,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "attack": c.attack_name, "attack_settings": training_attack_settings(cfg), "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
         "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
-        "ema_decay": cfg.get("ema", {}).get("decay"),  # not null: the results are the EMA of the weights'
+        "ema_decay": cfg.ema.decay,  # not null: the results are the EMA of the weights'
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
         "train_time_s": train_time,
         "eval_time_s": time.perf_counter() - eval_start, "wall_time_s": time.perf_counter() - started,
