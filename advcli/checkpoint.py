@@ -91,12 +91,23 @@ def load(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def is_advcli_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a file advcli wrote (its format marker), read safely; False for anything else."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything unreadable is not one of ours; the caller's reader says why
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
 def model_spec(name: str, options: dict[str, Any], *, in_channels: int, image_size: int, num_classes: int,
-               mean, std, adversarial_class: bool = False) -> dict[str, Any]:
+               mean, std, adversarial_class: bool = False, classes=None) -> dict[str, Any]:
     """Everything `build_model` needs, as plain data. ``num_classes`` is the data's K; with
-    ``adversarial_class`` the model has K + 1 outputs, the last meaning "adversarial input"."""
+    ``adversarial_class`` the model has K + 1 outputs, the last meaning "adversarial input". ``classes``: the
+    class names, where the data has them (for the pictures)."""
     return {"name": name, "options": dict(options), "in_channels": in_channels, "image_size": image_size,
-            "num_classes": num_classes, "mean": list(mean), "std": list(std), "adversarial_class": adversarial_class}
+            "num_classes": num_classes, "mean": list(mean), "std": list(std), "adversarial_class": adversarial_class,
+            **({"classes": list(classes)} if classes else {})}
 
 
 def num_outputs(spec: dict[str, Any]) -> int:

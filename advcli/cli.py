@@ -1,6 +1,6 @@
 """Every command's command-line handling: ``advcli COMMAND [ARGS...]``.
 
-``train``, ``eval`` and ``viz`` are Hydra apps (``@hydra.main`` below), so Hydra's overrides, ``--help``,
+``train``, ``eval``, ``import`` and ``viz`` are Hydra apps (``@hydra.main`` below), so Hydra's overrides, ``--help``,
 ``--cfg job`` and ``-m`` (multirun) work as Hydra users expect; each hands its config to the library
 function that does the work (`advcli.train.train`, `advcli.evaluate.evaluate_checkpoint`,
 `advcli.viz.visualize_checkpoints`) through `run_guarded`, which turns a `UserError` into one paragraph
@@ -25,6 +25,8 @@ COMMANDS = {
     "train": "train a model (min-max adversarial training), then evaluate it against every attack",
     "eval": "evaluate a checkpoint: advcli eval ckpt=PATH [eps=...] [restarts=...]",
     "viz": "pictures of a checkpoint: advcli viz ckpt=PATH [compare=PATH2] [eps=...]",
+    "import": "a model advcli did not train as a checkpoint: advcli import weights=PATH model=NAME dataset=NAME "
+              "save_checkpoint=OUT",
     "summarize": "rebuild a sweep's summary table and plot: advcli summarize PATH [PATH ...]",
 }
 
@@ -32,7 +34,8 @@ USAGE = "usage: advcli {" + ",".join(COMMANDS) + "} [HYDRA OVERRIDES ...]\n\ncom
     f"  {name:<10} {text}" for name, text in COMMANDS.items()
 ) + "\n\nExamples:\n  advcli train attack=pgd eps=8/255\n  advcli train -m eps=2/255,4/255,8/255\n" \
     "  advcli eval ckpt=outputs/DATE/TIME/checkpoint.pt eps=0.2 restarts=5\n" \
-    "  advcli viz ckpt=outputs/DATE/TIME/checkpoint.pt compare=outputs/DATE2/TIME2/checkpoint.pt\n  advcli train --help\n" \
+    "  advcli viz ckpt=outputs/DATE/TIME/checkpoint.pt compare=outputs/DATE2/TIME2/checkpoint.pt\n" \
+    "  advcli eval weights=model.pth model=small_cnn model.normalize=none dataset=mnist eps=0.1\n  advcli train --help\n" \
     "  advcli summarize outputs/multirun/DATE/TIME"
 
 
@@ -52,7 +55,7 @@ def main() -> None:
     if command == "eval":
         args = eps_list_as_typed(args)
     sys.argv = [f"advcli {command}", *args]
-    {"train": train_app, "eval": eval_app, "viz": viz_app}[command]()
+    {"train": train_app, "eval": eval_app, "viz": viz_app, "import": import_app}[command]()
 
 
 def check_run_directory(args: list[str]) -> None:
@@ -152,6 +155,12 @@ def eval_app(cfg: DictConfig) -> float:
     return robust_accuracy(run_guarded(_library("advcli.evaluate", "evaluate_checkpoint"), cfg))
 
 
+@hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="eval")
+def import_app(cfg: DictConfig) -> None:
+    """``advcli import``: `advcli.sources.import_model` (the eval config: weights=, robustbench=, model=, dataset=)."""
+    run_guarded(_library("advcli.sources", "import_model"), cfg)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="viz")
 def viz_app(cfg: DictConfig) -> None:
     """``advcli viz``: `advcli.viz.visualize_checkpoints`."""
@@ -165,18 +174,20 @@ def summarize_command(args: list[str]) -> None:
         description="Rebuild a sweep's summary (summary.csv, summary.md, summary.png) and print its table. PATH is "
                     "a sweep directory (outputs/multirun/DATE/TIME: one row per job of that sweep, failed jobs "
                     "included) or a run directory (outputs/DATE/TIME, with a metrics.json); several run directories "
-                    "make one table. The files go to the sweep directory, or for several paths to their common "
-                    "parent folder, or to --out DIR.",
+                    "make one table. Jobs that differ only in seed make one row: per column the mean, the sample "
+                    "standard deviation and n (--per-job: a row per job). The files go to the sweep directory, or for "
+                    "several paths to their common parent folder, or to --out DIR.",
         epilog="examples:\n  advcli summarize outputs/multirun/2026-11-25/03-00-00\n"
                "  advcli summarize --out results/eps outputs/2026-11-25/10-*",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     parser.add_argument("-o", "--out", type=Path, metavar="DIR", help="write the summary files here")
+    parser.add_argument("--per-job", action="store_true", help="a row per job, even for jobs that differ only in seed")
     options = parser.parse_args(args)
     from advcli.sweep import run_summarize
 
     try:
-        print(run_summarize(options.paths, options.out))
+        print(run_summarize(options.paths, options.out, per_job=options.per_job))
     except UserError as error:
         print(f"advcli: error: {one_paragraph(error)}", file=sys.stderr, flush=True)
         sys.exit(2)

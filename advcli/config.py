@@ -229,7 +229,10 @@ def choice_name(node: Any, group: str = "") -> str:
 
 
 def training_label(run_cfg: Any) -> str:
-    """How a run was trained, from its (stored) config: ``pgd-trained``, ``trades (pgd)``, ``adv_class (fgsm)``."""
+    """How a run was trained, from its (stored) config: ``pgd-trained``, ``trades (pgd)``, ``adv_class (fgsm)``;
+    for a model advcli did not train (`advcli.sources`), ``imported (its file or zoo name)``."""
+    if "imported" in run_cfg:
+        return f"imported ({run_cfg['imported']})"
     attack = choice_name(run_cfg["attack"], "attack")
     trainer = choice_name(run_cfg["trainer"], "trainer") if "trainer" in run_cfg else "standard"
     return f"{attack}-trained" if trainer == "standard" else f"{trainer} ({attack})"
@@ -364,6 +367,7 @@ def check_training(cfg: Any) -> None:
     if decay is not None and not (isinstance(decay, (int, float)) and 0 < decay < 1):
         raise ConfigError(f"ema.decay={decay} must lie strictly between 0 and 1 (e.g. ema.decay=0.995: an average "
                           "over the last ~200 steps), or be null to evaluate the trained weights themselves.")
+    require_choice("init_head", cfg.init_head, ("auto", "reset", "keep"))
     check_attack("attack", cfg.attack)
     check_attack("validation.attack", cfg.validation.attack)
     check_trainer(cfg.trainer)
@@ -373,7 +377,8 @@ def check_training(cfg: Any) -> None:
 
 # Settings of the process, not of the experiment: they change neither what is trained nor how it is judged.
 NOT_IN_FINGERPRINT = ("device", "channels_last", "compile", "resume", "keep_epochs", "output_dir", "progress",
-                      "log_every", "debug", "data.root", "data.download", "evaluation.batch_size")
+                      "log_every", "debug", "data.root", "data.download", "evaluation.batch_size", "robustbench_dir",
+                      "logger", "log_batches")  # the trackers a run logs to never block resuming it
 # Settings a resumed run may change: more (or fewer) epochs stretch what is left of the learning-rate schedule;
 # the final evaluation's attacks, size and sanity probes apply to the evaluation that ends the run (its precision
 # and seed also drive the per-epoch held-out check, so they stay).
@@ -415,8 +420,15 @@ def fingerprint_id(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Settings added after runs were checkpointed without them, with the value that reproduces what those runs did:
+# an old run continues under its defaults, and under nothing else.
+ADDED_LATER = {"model.normalize": "dataset", "init": None, "init_head": "auto"}
+
+
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, old value, new value)`` for every key that differs (a missing key reads as ``<unset>``)."""
+    """``(key, old value, new value)`` for every key that differs (a missing key reads as ``<unset>``, or as its
+    `ADDED_LATER` default)."""
     missing = "<unset>"
+    old = {**{k: v for k, v in ADDED_LATER.items() if k not in old and k in new}, **old}
     return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted({*old, *new})
             if old.get(key, missing) != new.get(key, missing)]

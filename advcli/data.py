@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from advcli.errors import DataError, one_paragraph
 
-DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "synthetic")
+DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "synthetic", "folder")
 SPLITS: tuple[str, ...] = ("train", "test")
 
 
@@ -56,6 +56,7 @@ class DatasetInfo:
     image_size: int  # square images, pixels per side
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] | None = None  # class names, where the data has them (dataset=folder)
 
 
 # Per-channel statistics of the training splits, as commonly published.
@@ -141,8 +142,12 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _options(name: str, options: dict[str, Any]) -> dict[str, int]:
-    """The synthetic set's options with defaults filled in and checked; real datasets take none."""
+def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The synthetic set's and the image folder's options with defaults filled in and checked; the others take none."""
+    if name == "folder":
+        from advcli import folder  # it builds on this module's ImageSet and DatasetInfo
+
+        return folder.options(options)
     if name != "synthetic":
         if options:
             raise DataError(
@@ -181,6 +186,10 @@ def dataset_info(name: str, **options: Any) -> DatasetInfo:
     """
     _check_name(name)
     opts = _options(name, options)
+    if name == "folder":
+        from advcli import folder
+
+        return folder.info(**opts)
     if name == "synthetic":
         c = opts["channels"]
         return DatasetInfo("synthetic", opts["num_classes"], c, opts["image_size"], (0.5,) * c, (0.25,) * c)
@@ -218,6 +227,10 @@ def load_split(name: str, split: str, *, root: str | os.PathLike, download: bool
     opts = _options(name, options)
     if name == "synthetic":
         return _make_synthetic(split, **opts)
+    if name == "folder":
+        from advcli import folder
+
+        return folder.load_split(split, **opts)
     if root is None or str(root) == "":
         raise DataError(
             f"No data root was given for {_PRETTY[name]}. Set data.root=PATH on the command line or the "

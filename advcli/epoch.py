@@ -113,6 +113,7 @@ class EpochPlan:
     global_batch_size: Callable[[int], int] | None = None
     progress_bar: bool = True
     log_every: int = 20
+    on_sync: Callable[[int, float, float], None] | None = None  # (batch, running loss, running acc) at each sync
 
     def eps_at(self, batch: int) -> float:
         if not self.warmup_steps:
@@ -212,8 +213,11 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
         totals.add(train_step(model, x, y, objective, opt, eps=plan.eps_at(batch), global_size=size), batch, len(y))
         if batch % plan.log_every == 0 or batch == plan.total:
             _check_finite(totals, plan, opt)
-            bar.set_postfix(loss=f"{totals.loss_sum.item() / max(state.seen + totals.seen, 1):.4f}",
-                            acc=f"{totals.correct.item() / max(state.judged + totals.judged, 1):.2%}")
+            loss = totals.loss_sum.item() / max(state.seen + totals.seen, 1)
+            acc = totals.correct.item() / max(state.judged + totals.judged, 1)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2%}")
+            if plan.on_sync is not None:  # e.g. the loggers (log_batches=true): values the host holds already
+                plan.on_sync(batch, loss, acc)
         if should_stop():
             stopped = True
             break

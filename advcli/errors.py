@@ -36,6 +36,10 @@ class MissingExtra(UserError):
     """An optional dependency (an ``advcli[...]`` extra) is not installed."""
 
 
+class TrackingError(UserError):
+    """An experiment tracker (``logger=...``) cannot start or continue its run."""
+
+
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
 

@@ -35,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from advcli import autoattack, checkpoint, config, data, distributed, paths, report, runtime, sanity
+from advcli import autoattack, checkpoint, config, data, distributed, leaderboard, paths, report, runtime, sanity, sources
+from advcli import tracking
 from advcli.attacks import Attack
 from advcli.errors import ConfigError
 from advcli.outcomes import Escalation, Outcomes, attack_outcomes, cascade_outcomes
@@ -296,6 +297,7 @@ class CheckpointEvaluation:
     settings: config.RunSettings
     attack_cfgs: dict[str, Any]
     split: str
+    where: str            # the model's name in reports: the checkpoint's path, the weights' or robustbench:NAME
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -303,16 +305,22 @@ class CheckpointEvaluation:
 
 
 def check_eval_settings(cfg: DictConfig) -> CheckpointEvaluation:
-    """Load ``cfg.ckpt``, fill unset eps/norm/restarts from its training run, check every value (each eps once)."""
-    payload = checkpoint.load(cfg.ckpt)
+    """Load the model (`sources.eval_payload`: ckpt, weights or robustbench), fill unset eps/norm/restarts from its
+    training run, check every value (each eps once)."""
+    tracking.check(cfg)  # the loggers and their libraries, before any work
+    payload, where = sources.eval_payload(cfg)
     config.fill_from_training_run(cfg, payload["config"], ("eps", "norm", "restarts"))
+    sources.check_eps_known(cfg, where)
     spec = payload["model_spec"]
     s = config.run_settings(cfg, dim=spec["in_channels"] * spec["image_size"] ** 2, allow_eps_list=True)
     attack_cfgs = eval_attack_configs(cfg, spec)
     config.check_evaluation_attacks(attack_cfgs, norm=s.norm, num_classes=checkpoint.num_outputs(spec),
                                     adversarial_class=bool(spec.get("adversarial_class")))
     escalation(attack_cfgs, config.plain(cfg.evaluation.get("escalate") or {}))
-    return CheckpointEvaluation(cfg, payload, s, attack_cfgs, config.require_choice("split", cfg.split, SPLITS))
+    split = config.require_choice("split", cfg.split, SPLITS)
+    if cfg.model_info.path is not None:
+        leaderboard.check_protocol(attack_cfgs, num_examples=s.num_test, split=split, eps_values=s.eps_values)
+    return CheckpointEvaluation(cfg, payload, s, attack_cfgs, split, where)
 
 
 def load_examples(job: CheckpointEvaluation, device: torch.device) -> tuple[str, data.ImageSet]:
@@ -325,7 +333,7 @@ def load_examples(job: CheckpointEvaluation, device: torch.device) -> tuple[str,
     spec = job.spec
     if tuple(images.images.shape[1:]) != (spec["in_channels"], spec["image_size"], spec["image_size"]):
         raise checkpoint.CheckpointError(
-            f"Checkpoint {job.cfg.ckpt} expects {spec['in_channels']}x{spec['image_size']}x{spec['image_size']} "
+            f"{job.where} expects {spec['in_channels']}x{spec['image_size']}x{spec['image_size']} "
             f"images, but {dataset.name} has {'x'.join(map(str, images.images.shape[1:]))}.")
     return dataset.name, images.to(device)
 
@@ -337,15 +345,18 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     with distributed.joined(runtime.resolve_device(cfg.device)) as (ranks, device):
         out = distributed.same_on_all_ranks(paths.output_dir(cfg) if ranks.is_main else None)
         dataset, images = load_examples(job, device)
-        model, channels_last = runtime.prepare_model(checkpoint.rebuild_model(job.payload, cfg.ckpt), device,
+        model, channels_last = runtime.prepare_model(checkpoint.rebuild_model(job.payload, job.where), device,
                                                      cfg.channels_last)
+        if cfg.save_checkpoint is not None and ranks.is_main:
+            sources.save_imported(job.payload, cfg.save_checkpoint)
         amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
         settings = eval_settings(cfg.evaluation, job.settings, amp_dtype=amp_dtype, channels_last=channels_last,
                                  adversarial_class=bool(job.spec.get("adversarial_class")),
                                  progress=cfg.progress and ranks.is_main, desc=job.split)
         found = evaluate_model(model, images, job.attack_cfgs, settings, ranks)
         metrics = {
-            "command": "eval", "checkpoint": str(cfg.ckpt), "dataset": dataset, "model": job.spec["name"],
+            "command": "eval", "checkpoint": job.where, **sources.described(job.payload), "dataset": dataset,
+            "model": job.spec["name"],
             "split": job.split, "evaluation": settings.preset, "cascade": settings.cascade,
             "eps": job.settings.eps, "eps_text": job.settings.eps_text,
             "eps_255": job.settings.eps * 255, "norm": job.settings.norm, "restarts": job.settings.restarts,
@@ -358,7 +369,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         if ranks.is_main:
             report.write_eval_report(out, metrics, found.curve,
                                      title=f"{job.spec['name']} on {dataset} ({job.split}, {len(images)} examples)")
+            tracking.record_evaluation(cfg, out, metrics)  # logger=...: nested under the checkpoint's run if logged
+            if cfg.model_info.path is not None:
+                write_model_info(cfg.model_info, metrics)
         return metrics
+
+
+def write_model_info(about: Any, metrics: dict[str, Any]) -> None:
+    """RobustBench out: the result as a leaderboard ``model_info`` entry at ``about.path``."""
+    entry = leaderboard.model_info(metrics, config.plain(about))
+    report.write_json(about.path, entry)
+    print(f"wrote RobustBench's model_info entry to {about.path}")
 
 
 if __name__ == "__main__":  # python -m advcli.evaluate (and torchrun -m advcli.evaluate): the same as advcli eval

@@ -6,6 +6,11 @@
 - ``summary.md``: the same as a readable table (also what the terminal shows), with ``n`` and the 95% interval
   of the headline (any-attack) accuracy;
 - ``summary.png``: clean and robust accuracy against eps with 95% error bars, one line per training attack.
+
+When jobs differ only in ``seed`` (`advcli.seeds`), each file has one row (or point) per group of seeds instead:
+``{column}_mean``, ``{column}_std`` and ``n_seeds`` in the CSV, ``87.1 ± 0.4 (n=3)`` in the table, the mean with
+one standard deviation as error bars in the plot; ``per_job=True`` (``advcli summarize --per-job``) keeps one row
+per job.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
+from advcli import seeds
 from advcli.errors import SweepError
 from advcli.report import percent
 from advcli.stats import format_interval
@@ -34,8 +40,9 @@ def attack_names(rows: Sequence[dict[str, Any]]) -> list[str]:
     names: list[str] = []
     for row in rows:
         for key in row:
-            if key.endswith("_acc") and key[:-4] not in names:
-                names.append(key[:-4])
+            name = key[:-4] if key.endswith("_acc") else key[:-9] if key.endswith("_acc_mean") else None
+            if name is not None and name not in names:
+                names.append(name)
     names.sort(key=lambda name: (name != "clean", name.startswith("any_attack")))
     return names
 
@@ -59,9 +66,19 @@ def override_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def csv_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    if seeds.is_grouped(rows):
+        return group_csv_columns(rows)
     accuracies = [column for name in attack_names(rows) for column in (f"{name}_acc", f"{name}_ci_low", f"{name}_ci_high")]
     return (["job", "status", *IDENTITY, "eps_value", *override_keys(rows), "evaluation", "n", *accuracies,
              "train_time_s", "eval_time_s", "error_type", "error", "dir"])
+
+
+def group_csv_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A group of seeds per row: its jobs, what they share, the seeds, and per column the mean and the std."""
+    columns = [*(f"{name}_acc" for name in attack_names(rows)), *seeds.TIMES]
+    statistics = [f"{column}_{stat}" for column in columns for stat in ("mean", "std")]
+    return ["job", "status", *IDENTITY, "eps_value", *override_keys(rows), "evaluation", "n", "seeds", "n_seeds",
+            *statistics, "dir"]
 
 
 def _cell(row: dict[str, Any], column: str) -> Any:
@@ -81,12 +98,9 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     path.write_text(buffer.getvalue())
 
 
-def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
-    """The human table (markdown, padded so it reads in a terminal too) and the settings common to all rows.
-
-    Columns that hold the same value in every row (dataset, model, fixed overrides) move out of the table
-    into the returned ``key=value`` list; eps and the training attack always stay.
-    """
+def common_and_varying(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Settings that hold the same value in every row (dataset, model, fixed overrides) as ``key=value``, and the
+    keys of those that vary (eps and the training attack have columns of their own)."""
     common_text, varying = [], []
     for key in ["dataset", "model", *override_keys(rows), "evaluation"]:
         values = list(dict.fromkeys(str(_cell(row, key)) for row in rows))
@@ -94,6 +108,29 @@ def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
             common_text.append(f"{key}={values[0]}")
         elif values != [""]:
             varying.append(key)
+    return common_text, varying
+
+
+def render(header: list[str], body: list[list[str]], numeric: Sequence[str]) -> str:
+    """A markdown table padded so it reads in a terminal too; the ``numeric`` columns (by title, or any title
+    ending in ``%``) right-aligned."""
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    right = {i for i, title in enumerate(header) if title.endswith("%") or title in numeric}
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([fmt(header), rule, *map(fmt, body)])
+
+
+def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The human table and the settings common to all rows (`common_and_varying`): one row per job, with ``n``
+    and the 95% interval of the headline accuracy; for groups of seeds, `group_table`."""
+    if seeds.is_grouped(rows):
+        return group_table(rows)
+    common_text, varying = common_and_varying(rows)
     names = attack_names(rows)
     at = names.index(headline(names)) + 1 if names else 0  # the interval goes right after the accuracy it is of
     titles = [n.replace("_", " ") + " %" for n in names]
@@ -107,15 +144,24 @@ def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
         body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
                      *[str(_cell(row, key)) for key in varying], str(row.get("n", "-")), *accuracies,
                      "-" if row.get("train_time_s") is None else f"{row['train_time_s']:.1f}"])
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    numeric = {i for i, title in enumerate(header) if title.endswith("%") or title in ("job", "n", "95% CI", "train s")}
+    return render(header, body, ("job", "n", "95% CI", "train s")), common_text
 
-    def fmt(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(header), rule, *map(fmt, body)]), common_text
+def group_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
+    """One row per group of seeds: its jobs, the seeds that finished, ``n`` (test examples), and per accuracy
+    ``87.1 ± 0.4 (n=3)`` (mean ± sample std over n seeds, percent points); the mean training time."""
+    common_text, varying = common_and_varying(rows)
+    names = attack_names(rows)
+    header = ["jobs", "status", "attack", "eps", *varying, "seeds", "n", *[n.replace("_", " ") + " %" for n in names],
+              "train s"]
+    body = []
+    for row in rows:
+        train_s = row.get("train_time_s_mean")
+        body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
+                     *[str(_cell(row, key)) for key in varying], row["seeds"] or "-", str(row.get("n") or "-"),
+                     *[seeds.mean_text(row, f"{n}_acc") for n in names],
+                     "-" if train_s is None else f"{train_s:.1f}"])
+    return render(header, body, ("n", "train s")), common_text
 
 
 def format_duration(seconds: float) -> str:
@@ -125,9 +171,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
-    """summary.md's text: the table, what all jobs shared, the failed jobs' errors, the sweep's wall time."""
-    text, common = table(rows)
+def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None,
+             groups: Sequence[dict[str, Any]] | None = None) -> str:
+    """summary.md's text: the table (of ``groups`` of seeds when given, else of the job ``rows``), what all jobs
+    shared, the failed jobs' errors, the sweep's wall time."""
+    text, common = table(groups or rows)
     failed = [row for row in rows if row["status"] != "ok"]
     lines = ["# Sweep summary", ""]
     tally = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "missing")}
@@ -139,12 +187,7 @@ def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
     lines.append(counts + ".")
     if common:
         lines.append(f"All jobs: {' '.join(common)}.")
-    names = [n for n in attack_names(rows) if n not in ("clean", "any_attack")]
-    lines += ["", text, "",
-              f"Accuracy in % on the n test examples: clean, and under each evaluation attack ({', '.join(names)}); "
-              "`any attack` counts an example as robust only if every attack failed. `95% CI`: the Wilson score "
-              f"interval of the `{headline(attack_names(rows)).replace('_', ' ')}` accuracy (summary.csv holds one "
-              "for every accuracy). `train s`: training time."]
+    lines += ["", text, "", footnote(rows, grouped=groups is not None)]
     if any(row.get("evaluation") == "fast" for row in rows):
         lines += ["", "**fast evaluation**: gradient attacks only, which overstate the robustness of models whose "
                   "gradients mislead; quote numbers from `evaluation=default` (or `evaluation=autoattack`)."]
@@ -158,8 +201,28 @@ def describe(rows: Sequence[dict[str, Any]], sweep: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def footnote(rows: Sequence[dict[str, Any]], *, grouped: bool) -> str:
+    """What the table's numbers are."""
+    names = [n for n in attack_names(rows) if n not in ("clean", "any_attack")]
+    text = (f"Accuracy in % on the n test examples: clean, and under each evaluation attack ({', '.join(names)}); "
+            "`any attack` counts an example as robust only if every attack failed. ")
+    if grouped:
+        return text + (
+            "Each row holds the jobs that differ only in `seed`: per accuracy, the mean over the seeds that finished "
+            "± the sample standard deviation (n - 1 in the denominator; none for n = 1), then n. Every seed is "
+            "evaluated on the same test examples, so ± is the spread from training, not the test sample's noise; each "
+            "job's own numbers and 95% intervals: `advcli summarize --per-job`. `train s`: mean training time.")
+    return text + (f"`95% CI`: the Wilson score interval of the `{headline(attack_names(rows)).replace('_', ' ')}` "
+                   "accuracy (summary.csv holds one for every accuracy). `train s`: training time.")
+
+
 def _points(rows: Sequence[dict[str, Any]], name: str) -> tuple[list[float], list[list[float]]]:
-    """One line of summary.png: accuracies in % (NaN: none) and their error bars below and above (0: no interval)."""
+    """One line of summary.png: accuracies in % (NaN: none) and their error bars below and above (0: no interval);
+    for groups of seeds, the mean and one sample standard deviation either side."""
+    if seeds.is_grouped(rows):
+        y = [100 * r[f"{name}_acc_mean"] if r.get(f"{name}_acc_mean") is not None else math.nan for r in rows]
+        spread = [100 * (r.get(f"{name}_acc_std") or 0.0) for r in rows]
+        return y, [spread, spread]
     y, below, above = [], [], []
     for row in rows:
         value, interval = row.get(f"{name}_acc"), _interval(row, name)
@@ -172,7 +235,8 @@ def _points(rows: Sequence[dict[str, Any]], name: str) -> tuple[list[float], lis
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     """summary.png: clean (dashed) and robust (solid, worst case over the evaluation attacks) accuracy
-    with 95% error bars against eps, one colour per training attack (and per value of any other swept setting).
+    with 95% error bars against eps, one colour per training attack (and per value of any other swept setting);
+    for groups of seeds, the mean with one standard deviation as error bars.
 
     Uses matplotlib's object API with the Agg canvas, so no global backend is switched. Returns False
     (and writes nothing) when no finished job has a numeric eps.
@@ -180,7 +244,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    done = [r for r in rows if r["status"] == "ok" and isinstance(r.get("eps_value"), (int, float))]
+    finished = [r for r in rows if r["status"] == "ok" or r.get("n_seeds")]
+    done = [r for r in finished if isinstance(r.get("eps_value"), (int, float))]
     if not done:
         return False
     names = attack_names(done)
@@ -214,21 +279,26 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     what = f"robust = worst case over {', '.join(attacked)}" if robust == "any_attack" else f"robust = {robust}"
     settings = textwrap.wrap(" ".join(common), width=90, max_lines=2, placeholder=" ...")
-    ax.set_title("\n".join([*settings, f"{what}; bars: 95% Wilson score intervals"]), fontsize=7)
+    bars = ("points: the mean over the seeds; bars: ± one sample standard deviation" if seeds.is_grouped(done)
+            else "bars: 95% Wilson score intervals")
+    ax.set_title("\n".join([*settings, what, bars]), fontsize=7)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
 
 
-def write_summary(rows: Sequence[dict[str, Any]], folder: Path, sweep: dict | None = None) -> str:
-    """Write summary.csv, summary.md and summary.png into ``folder``; returns summary.md's text."""
+def write_summary(rows: Sequence[dict[str, Any]], folder: Path, sweep: dict | None = None, *,
+                  per_job: bool = False) -> str:
+    """Write summary.csv, summary.md and summary.png into ``folder``; returns summary.md's text. Jobs that differ
+    only in ``seed`` make one row per group (`advcli.seeds.group`) unless ``per_job``."""
     folder = Path(folder)
+    groups = None if per_job else seeds.group(rows)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_csv(rows, folder / "summary.csv")
-        text = describe(rows, sweep)
-        plotted = plot(rows, folder / "summary.png")
+        write_csv(groups or rows, folder / "summary.csv")
+        text = describe(rows, sweep, groups)
+        plotted = plot(groups or rows, folder / "summary.png")
         if not plotted and (folder / "summary.png").exists():
             (folder / "summary.png").unlink()  # an earlier summary's plot would not match this table
         (folder / "summary.md").write_text(text + ("\n![clean and robust accuracy against eps](summary.png)\n"

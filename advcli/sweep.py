@@ -161,7 +161,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if metrics:
         row.update(status="ok", dataset=metrics.get("dataset"), model=metrics.get("model"),
                    attack=metrics.get("attack"), eps=metrics.get("eps_text", metrics.get("eps")),
-                   eps_value=metrics.get("eps"))
+                   eps_value=metrics.get("eps"), seed=metrics.get("seed"))
         row.update(accuracy_columns(metrics))
         for key in ("train_time_s", "eval_time_s"):
             row[key] = metrics.get(key)
@@ -172,7 +172,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             row.update(dataset=OmegaConf.select(cfg, "dataset.name", default=None),
                        model=OmegaConf.select(cfg, "model.name", default=None),
                        attack=choice_name(attack) if attack is not None else None,
-                       eps=str(OmegaConf.select(cfg, "eps", default="")))
+                       eps=str(OmegaConf.select(cfg, "eps", default="")),
+                       seed=OmegaConf.select(cfg, "seed", default=None))
     if failure is not None:
         row.update(status="failed", error=str(failure.get("error", "")), error_type=str(failure.get("type", "")),
                    user_error=bool(failure.get("user_error")))
@@ -302,6 +303,7 @@ class SweepSummary(Callback):
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(
             {"id": self.sweep_id, "started": time.time(), "overrides": command_line,
              "swept": swept_keys(command_line)}, indent=2))
+        _start_tracking(config, sweep_dir, command_line)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _in_multirun(config):
@@ -322,17 +324,42 @@ class SweepSummary(Callback):
         except Exception as error:  # the jobs' results are safe on disk; say how to get the summary later
             log.error("the sweep summary failed (%s); rebuild it with: advcli summarize %s", error, sweep_dir,
                       exc_info=not isinstance(error, UserError))
-            return
-        print(f"\n{text}\nwrote {', '.join(SUMMARY_FILES)} in {sweep_dir}", flush=True)
+        else:
+            print(f"\n{text}\nwrote {', '.join(SUMMARY_FILES)} in {sweep_dir}", flush=True)
+        finally:
+            _end_tracking(sweep_dir)
 
 
-def run_summarize(paths: list[Path], out: Path | None = None) -> str:
+def _start_tracking(config: DictConfig, sweep_dir: Path, command_line: list[str]) -> None:
+    """The sweep's parent run in the tracker (`advcli.tracking.start_sweep`); a tracker that cannot start stops
+    the sweep before any job, in one paragraph."""
+    from advcli import tracking
+
+    try:
+        tracking.start_sweep(config, sweep_dir, command_line)
+    except UserError as error:
+        print(f"advcli: error: {one_paragraph(error)}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
+
+
+def _end_tracking(sweep_dir: Path) -> None:
+    """The summary files to the sweep's parent run, which ends; a tracker gone by now costs a warning only."""
+    from advcli import tracking
+
+    try:
+        tracking.end_sweep(sweep_dir, [sweep_dir / name for name in SUMMARY_FILES])
+    except Exception as error:
+        log.warning("the sweep's tracker run could not be closed (%s); the summary is in %s",
+                    one_paragraph(error, with_type=True, limit=300), sweep_dir)
+
+
+def run_summarize(paths: list[Path], out: Path | None = None, *, per_job: bool = False) -> str:
     """``advcli summarize``: summarize ``paths``, write the files (into ``out``, else `summary_folder`), return
-    the text to print."""
+    the text to print. Jobs that differ only in ``seed`` make one row per group unless ``per_job``."""
     from advcli.summary import summary_folder
 
     rows = summarize(paths)
     sweep = _read_json(paths[0] / SWEEP_FILE) if len(paths) == 1 else None
     folder = out or summary_folder(paths)
-    text = write_summary(rows, folder, sweep)
+    text = write_summary(rows, folder, sweep, per_job=per_job)
     return f"{text}\nwrote {', '.join(SUMMARY_FILES)} in {folder}"

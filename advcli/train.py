@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from advcli import attacks, averaging, checkpoint, config, data, distributed, paths, report, runtime
+from advcli import attacks, averaging, checkpoint, config, data, distributed, paths, report, runtime, sources, tracking
 from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
 from advcli.errors import ConfigError
 from advcli.guards import StopRequests, never_robust, overfitting
@@ -64,6 +64,7 @@ def check_settings(cfg: DictConfig) -> Choices:
     info = data.dataset_info(dataset.name, **dataset.options)
     settings = config.run_settings(cfg, dim=info.in_channels * info.image_size**2)
     config.check_training(cfg)
+    tracking.check(cfg)  # the loggers and their libraries, before any work
     attack_name, trainer_name = config.choice_name(cfg.attack, "attack"), config.choice_name(cfg.trainer, "trainer")
     config.check_attack_fits("attack", cfg.attack, norm=settings.norm, num_classes=info.num_classes, training=True)
     config.check_attack_fits("validation.attack", cfg.validation.attack, norm=settings.norm,
@@ -107,6 +108,8 @@ class Run:
     val_attacks: dict[str, attacks.Attack]
     fingerprint: dict[str, Any]     # the settings that define this run (`advcli.config.fingerprint`)
     steps_per_epoch: int
+    started_from: dict[str, Any] | None = None   # init=: the weights training started from (`sources.initialise`)
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)  # logger=...: set by `train`
 
     @property
     def adversarial_class(self) -> bool:
@@ -124,7 +127,8 @@ class Run:
                          warmup_steps=round(float(cfg.eps_warmup) * self.steps_per_epoch),
                          steps_before=(epoch - 1) * self.steps_per_epoch, attack_mode=self.choices.attack_mode,
                          global_batch_size=lambda k: min(cfg.batch_size, size - (k - 1) * cfg.batch_size),
-                         progress_bar=cfg.progress and self.ranks.is_main, log_every=cfg.log_every)
+                         progress_bar=cfg.progress and self.ranks.is_main, log_every=cfg.log_every,
+                         on_sync=self.tracker.on_batches(epoch, self.steps_per_epoch) if cfg.log_batches else None)
 
 
 def load_data(cfg: DictConfig, choices: Choices, device: torch.device) -> tuple[data.ImageSet, ...]:
@@ -153,11 +157,11 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
              config.format_eps(s.eps), s.norm, out, f", {ranks.world} processes" if ranks.enabled else "")
     runtime.seed_everything(cfg.seed)
     train_set, val_set, test_set = load_data(cfg, choices, device)
-    options = config.plain(cfg.model)
-    spec = checkpoint.model_spec(options.pop("name"), options, in_channels=info.in_channels, image_size=info.image_size,
-                                 num_classes=info.num_classes, mean=info.mean, std=info.std,
-                                 adversarial_class=bool(choices.objective.extra_outputs))
-    model, channels_last = runtime.prepare_model(checkpoint.build_from_spec(spec), device, cfg.channels_last)
+    spec = sources.spec_from_config(cfg.model, info, adversarial_class=bool(choices.objective.extra_outputs))
+    model = checkpoint.build_from_spec(spec)
+    started_from = None if cfg.init is None else sources.initialise(model, cfg.init, cfg.init_head, spec,
+                                                                    robustbench_dir=cfg.robustbench_dir)
+    model, channels_last = runtime.prepare_model(model, device, cfg.channels_last)
     net = distributed.wrap(torch.compile(model) if cfg.compile else model, ranks, device)
     if ranks.enabled:  # the same initial weights everywhere (seeded above); each rank its own random starts
         torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
@@ -175,7 +179,7 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
                Optimisation(optimizer, scheduler, runtime.grad_scaler(device, amp_dtype), amp_dtype,
                             averaging.ema_model(model, float(decay)) if decay is not None else None),
                runtime.resolve_amp(cfg.evaluation.amp, device), train_set, val_set, test_set, val_attacks,
-               config.fingerprint(cfg, precision=runtime.describe_precision(amp_dtype)), steps_per_epoch)
+               config.fingerprint(cfg, precision=runtime.describe_precision(amp_dtype)), steps_per_epoch, started_from)
 
 
 # --- 2. restore ------------------------------------------------------------------------------------------
@@ -240,6 +244,7 @@ def snapshot(run: Run, state: TrainingState, progress: EpochProgress | None = No
             "partial": progress.to_plain() if progress else None,
             "rng": distributed.every_rank(checkpoint.capture_rng()), "history": state.history,
             "best_score": state.best_score, "stopped": state.stopped, "config": config.plain(run.cfg),
+            "init": run.started_from,
             "fingerprint": run.fingerprint}
 
 
@@ -310,6 +315,7 @@ def fit_epoch(run: Run, state: TrainingState, epoch: int, stop: StopRequests, sh
     score = entry.get("val_robust_acc", entry["train_acc"])
     is_best, state.best_score = score >= state.best_score, max(score, state.best_score)
     save(run, ckpt_path, snapshot(run, state))
+    run.tracker.log_epoch(entry)  # after the save: a resumed run never logs an epoch twice
     if run.cfg.get("keep_epochs"):
         save(run, run.out / f"epoch_{epoch}.pt", snapshot(run, state))
     if is_best:
@@ -355,6 +361,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
         "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
         "ema_decay": cfg.ema.decay,  # not null: the results are the EMA of the weights'
+        "init": run.started_from,    # not null: fine-tuned from these weights
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
         "train_time_s": train_time,
         "eval_time_s": time.perf_counter() - eval_start, "wall_time_s": time.perf_counter() - started,
@@ -387,6 +394,7 @@ def write_report(run: Run, metrics: dict[str, Any]) -> None:
                                           f"eps={s.eps_text}")
     print(report.training_results(metrics) + f"; wrote {out / 'metrics.json'}"
           + (f" and {out / 'training_curves.png'}" if metrics["history"] else ""))
+    run.tracker.log_results(metrics, out)
 
 
 def finished_results(run: Run) -> dict[str, Any] | None:
@@ -419,8 +427,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         state = resume(run)
         if state.done(cfg) and (results := finished_results(run)) is not None:
             return results
-        fit(run, state)
-        return final_evaluation(run, state, started)
+        with tracking.tracked(cfg, run.out, command="train", continuing=bool(state.epoch or state.partial),
+                              enabled=ranks.is_main) as run.tracker:
+            fit(run, state)
+            return final_evaluation(run, state, started)
 
 
 if __name__ == "__main__":  # python -m advcli.train (and torchrun -m advcli.train): the same as advcli train

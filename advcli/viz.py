@@ -290,7 +290,7 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     settings = Settings(num_images=cfg.num_images, loss_examples=cfg.loss_examples, pgd_steps=cfg.pgd_steps,
                         restarts=cfg.restarts, large_eps=large_eps)
     arrays = draw_pictures(models, images, eps=eps, norm=norm, out=out, settings=settings,
-                           num_classes=spec["num_classes"])
+                           num_classes=spec["num_classes"], class_names=spec.get("classes"))
     correlations = {label: float(a["correlation"].mean()) for label, a in arrays["saliency"].items()}
     medians = {label: float(a["losses"].median()) for label, a in arrays["loss_distribution"].items()}
     print(f"wrote gallery.png, saliency.png, loss_distribution.png, large_eps.png to {out} "

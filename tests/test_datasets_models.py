@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from advcli import checkpoint, config, data
+from advcli import checkpoint, config, data, sources
 from advcli.models import uses_batchnorm
 from conftest import compose_config
 
@@ -26,18 +26,14 @@ DATASET_CONFIGS = {"cifar100": ("cifar100_root", 100, 4, True), "svhn": ("svhn_r
 
 def model_from(cfg, info: data.DatasetInfo) -> torch.nn.Module:
     """The model `advcli train` builds for this config and dataset (through a checkpoint's model spec)."""
-    options = OmegaConf.to_container(cfg.model, resolve=True)
-    name = options.pop("name")
-    return checkpoint.build_from_spec(checkpoint.model_spec(
-        name, options, in_channels=info.in_channels, image_size=info.image_size, num_classes=info.num_classes,
-        mean=info.mean, std=info.std))
+    return checkpoint.build_from_spec(sources.spec_from_config(cfg.model, info))
 
 
 @pytest.mark.parametrize("choice", sorted(MODEL_CONFIGS))
 def test_model_config_composes_to_the_registered_model(choice: str) -> None:
     name, options, count = MODEL_CONFIGS[choice]
     cfg = compose_config("train", [f"model={choice}", "dataset=cifar10"])
-    assert OmegaConf.to_container(cfg.model) == {"name": name, **options}
+    assert OmegaConf.to_container(cfg.model) == {"name": name, **options, "normalize": "dataset"}
     model = model_from(cfg, data.dataset_info("cifar10"))  # no forward: building WRN-34-10 takes ~0.4 s
     assert sum(p.numel() for p in model.parameters()) == count
     assert uses_batchnorm(model)

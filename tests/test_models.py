@@ -324,7 +324,7 @@ def test_unknown_model_name_lists_valid_names() -> None:
         build_model("resnet50", in_channels=3, image_size=32, num_classes=10, mean=STATS[3][0], std=STATS[3][1])
     message = str(info.value)
     assert "resnet50" in message
-    assert "cnn, mlp, preact_resnet18, resnet18, small_cnn, wide_resnet" in message  # sorted
+    assert "cnn, mlp, preact_resnet18, resnet18, robustbench, small_cnn, wide_resnet" in message  # sorted
     assert "model=" in message
 
 

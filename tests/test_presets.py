@@ -20,14 +20,14 @@ def recipe(cfg) -> dict:
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ([], {"model": {"name": "small_cnn", "width": 2, "hidden": 200}, "attack": "pgd", "steps": 5, "alpha": None,
+    ([], {"model": {"name": "small_cnn", "width": 2, "hidden": 200, "normalize": "dataset"}, "attack": "pgd", "steps": 5, "alpha": None,
           "random_start": True, "epochs": 7, "batch_size": 256, "lr": 2e-3, "lr_schedule": "onecycle",
           "eps_warmup": 1, "ema": 0.995, "test_examples": 1000, "evaluation": "default"}),
-    (["experiment=fast"], {"model": {"name": "small_cnn", "width": 1, "hidden": 100}, "attack": "pgd", "steps": 3,
+    (["experiment=fast"], {"model": {"name": "small_cnn", "width": 1, "hidden": 100, "normalize": "dataset"}, "attack": "pgd", "steps": 3,
                            "alpha": None, "random_start": True, "epochs": 3, "batch_size": 256, "lr": 2e-3,
                            "lr_schedule": "constant", "eps_warmup": 1, "ema": 0.99, "test_examples": 1000,
                            "evaluation": "default"}),
-    (["experiment=strong"], {"model": {"name": "cnn", "width": 1}, "attack": "pgd", "steps": 10, "alpha": None,
+    (["experiment=strong"], {"model": {"name": "cnn", "width": 1, "normalize": "dataset"}, "attack": "pgd", "steps": 10, "alpha": None,
                              "random_start": True, "epochs": 9, "batch_size": 128, "lr": 2e-3,
                              "lr_schedule": "onecycle", "eps_warmup": 1, "ema": 0.995, "test_examples": 1000,
                              "evaluation": "default"}),

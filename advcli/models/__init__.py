@@ -26,8 +26,10 @@ from advcli.models.preact_resnet import PreActResNet18
 from advcli.models.resnet18 import ResNet18
 from advcli.models.small_cnn import SmallCNN
 from advcli.models.wide_resnet import WideResNet
+from advcli.zoo import ZooNet
 
 __all__ = [
+    "EXTERNAL_MODELS",
     "MODELS",
     "MLP",
     "MadryCNN",
@@ -49,6 +51,10 @@ MODELS: dict[str, type] = {
     "preact_resnet18": PreActResNet18,
     "resnet18": ResNet18,
     "wide_resnet": WideResNet,
+}
+# architectures defined by other packages, built through advcli's registry all the same
+EXTERNAL_MODELS: dict[str, type] = {
+    "robustbench": ZooNet,  # an architecture of RobustBench's zoo (advcli.zoo; needs the robustbench extra)
 }
 
 # given by build_model itself, never through **kwargs
@@ -106,12 +112,12 @@ def build_model(
         >>> model(torch.rand(4, 1, 28, 28)).shape
         torch.Size([4, 10])
     """
-    if name not in MODELS:
+    cls = MODELS.get(name) or EXTERNAL_MODELS.get(name)
+    if cls is None:
         raise ModelError(
-            f"Unknown model {name!r}. Valid models are: {', '.join(sorted(MODELS))}. "
+            f"Unknown model {name!r}. Valid models are: {', '.join(sorted([*MODELS, *EXTERNAL_MODELS]))}. "
             f"Choose one with `model=NAME` on the command line, e.g. `advcli train model=cnn`."
         )
-    cls = MODELS[name]
     accepted = _options(cls)
     bad = sorted(set(kwargs) - set(accepted))
     if bad:

@@ -1,0 +1,103 @@
+"""Seeds as statistics: the summary rows of jobs that differ only in ``seed`` become one row, with per column the
+mean, the sample standard deviation and n (the seeds that finished).
+
+`group(rows)` takes `advcli.sweep.summarize`'s rows (one per job) and returns one row per group, or None when no
+two jobs differ only in their seed (the summary then stays one row per job). A job's settings are its dataset,
+model, training attack, eps and command-line overrides, less ``seed`` and the settings that change no result
+(`advcli.config.NOT_IN_FINGERPRINT`: device, logger, output_dir, ...). A job whose seed is unknown (``advcli
+eval``, a metrics.json without one) is never grouped.
+
+The standard deviation is the sample one (n - 1 in the denominator; none for n = 1). Every seed is evaluated on
+the same test examples, so it measures how much training varies, not the test sample's noise (each job's 95%
+Wilson interval stays in the per-job summary, ``advcli summarize --per-job``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Sequence
+
+from advcli.config import NOT_IN_FINGERPRINT
+
+TIMES = ("train_time_s", "eval_time_s")  # averaged besides every accuracy column
+SHARED = ("dataset", "model", "attack", "eps", "eps_value", "evaluation")  # the same in every job of a group
+
+
+def ignored(key: str) -> bool:
+    """Whether an override leaves a job in the same group: the seed, or a setting that changes no result."""
+    return key == "seed" or any(key == left or key.startswith(left + ".") for left in NOT_IN_FINGERPRINT)
+
+
+def settings_key(row: dict[str, Any]) -> tuple | None:
+    """What a job ran, less its seed; None when its seed is unknown."""
+    if row.get("seed") is None:
+        return None
+    overrides = tuple(sorted((key, str(value)) for key, value in row["overrides"].items() if not ignored(key)))
+    return tuple(str(row.get(key)) for key in ("dataset", "model", "attack", "eps")) + (overrides,)
+
+
+def group(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """One row per group of jobs that differ only in ``seed``, in the order of each group's first job; None when
+    every group would hold one job."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for index, row in enumerate(rows):
+        key = settings_key(row)
+        groups.setdefault(("job", index) if key is None else key, []).append(row)
+    if all(len(members) == 1 for members in groups.values()):
+        return None
+    return [aggregate(members) for members in groups.values()]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN: no number
+
+
+def statistic_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The columns averaged over seeds: every ``{name}_acc``, then the times, in the rows' order."""
+    accuracies = list(dict.fromkeys(key for row in rows for key in row if key.endswith("_acc")))
+    return accuracies + [key for key in TIMES if any(key in row for row in rows)]
+
+
+def status(members: Sequence[dict[str, Any]], done: Sequence[dict[str, Any]]) -> str:
+    """``ok`` (every seed finished), ``2 of 3 ok``, or the jobs' own status when none finished."""
+    if len(done) == len(members):
+        return "ok"
+    if done:
+        return f"{len(done)} of {len(members)} ok"
+    return "failed" if any(row["status"] == "failed" for row in members) else "missing"
+
+
+def aggregate(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One group's row: what its jobs share, ``seeds`` (of the finished ones), ``n_seeds``, and per statistic
+    column ``{column}_mean`` and ``{column}_std`` over the finished jobs (None where there is no value); ``job``
+    lists the jobs (space-separated), ``dir`` their directories (separated by ``;``)."""
+    done = [row for row in members if row["status"] == "ok"]
+    first = (done or members)[0]
+    counts = sorted({row["n"] for row in done if _number(row.get("n"))})
+    row: dict[str, Any] = {
+        "job": " ".join(str(member["job"]) for member in members), "status": status(members, done),
+        **{key: first.get(key) for key in SHARED},
+        "overrides": {key: value for key, value in first["overrides"].items()  # those every job shares
+                      if key != "seed" and all(member["overrides"].get(key) == value for member in members)},
+        "n": counts[0] if len(counts) == 1 else "/".join(map(str, counts)) or None,
+        "seeds": " ".join(str(member["seed"]) for member in done), "n_seeds": len(done),
+        "dir": ";".join(str(member["dir"]) for member in members)}
+    for column in statistic_columns(done):
+        values = [member[column] for member in done if _number(member.get(column))]
+        row[f"{column}_mean"] = statistics.fmean(values) if values else None
+        row[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    return row
+
+
+def is_grouped(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether summary rows are `group`'s (one per group of seeds) rather than one per job."""
+    return any("n_seeds" in row for row in rows)
+
+
+def mean_text(row: dict[str, Any], column: str) -> str:
+    """``87.1 ± 0.4 (n=3)`` in percent points for a fraction column; ``87.1 (n=1)`` for one seed; ``-`` for none."""
+    mean, spread = row.get(f"{column}_mean"), row.get(f"{column}_std")
+    if not _number(mean):
+        return "-"
+    shown = f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if _number(spread) else "")
+    return f"{shown} (n={row['n_seeds']})"

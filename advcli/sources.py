@@ -1,0 +1,243 @@
+"""Where a model comes from: advcli's own checkpoint (``ckpt=``), a plain state_dict (``weights=``), or
+RobustBench's zoo (``robustbench=``); and how a run's model is specified from its config (`spec_from_config`).
+
+Every source becomes the same thing, an advcli checkpoint payload (`advcli.checkpoint`): a model spec that
+rebuilds the architecture from advcli's registry, its weights, and the settings it is evaluated with. So
+``advcli eval`` runs the same code for all three, ``save_checkpoint=PATH`` (``advcli import``) writes any of them
+as a checkpoint that sweeps, ``viz`` and later evaluations load, and ``advcli train init=`` starts from any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from advcli import checkpoint, config, data, weights, zoo
+from advcli.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+NORMALIZE_CHOICES = ("dataset", "none")
+
+
+def normalization(choice: Any, info: data.DatasetInfo) -> tuple[list[float], list[float]]:
+    """The model's input normalisation from ``model.normalize``: the dataset's statistics (``dataset``), none
+    (``none``: raw [0, 1] pixels, as many released models were trained), or ``{mean: [...], std: [...]}``."""
+    if choice in (None, "dataset"):
+        return list(info.mean), list(info.std)
+    if choice == "none":
+        return [0.0] * info.in_channels, [1.0] * info.in_channels
+    given = config.plain(choice) if hasattr(choice, "items") else None
+    mean, std = (given or {}).get("mean"), (given or {}).get("std")
+    if given is None or set(given) != {"mean", "std"} or len(list(mean)) != info.in_channels or \
+            len(list(std)) != info.in_channels or min(std) <= 0:
+        raise ConfigError(
+            f"model.normalize={choice!r} is not a normalisation advcli knows. Use model.normalize=dataset (the "
+            f"dataset's mean and std, the default), model.normalize=none (raw [0, 1] pixels), or explicit values, "
+            f"one per channel ({info.in_channels} here) with every std > 0: "
+            f"model.normalize={{mean:[{','.join(['0.5'] * info.in_channels)}],std:[{','.join(['0.25'] * info.in_channels)}]}}.")
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def spec_from_config(model_cfg: Any, info: data.DatasetInfo, *, adversarial_class: bool = False) -> dict[str, Any]:
+    """The model spec of a ``model`` config (its ``name``, architecture options and ``normalize``) on a dataset."""
+    options = config.plain(model_cfg)
+    name, choice = options.pop("name"), options.pop("normalize", "dataset")
+    if name == "robustbench":
+        options.setdefault("zoo_dataset", info.name)
+    mean, std = normalization(choice, info)
+    return checkpoint.model_spec(name, options, in_channels=info.in_channels, image_size=info.image_size,
+                                 num_classes=info.num_classes, mean=mean, std=std, adversarial_class=adversarial_class,
+                                 classes=info.classes)
+
+
+def dataset_info(dataset_cfg: Any) -> data.DatasetInfo:
+    dataset = config.dataset_choice(dataset_cfg)
+    return data.dataset_info(dataset.name, **dataset.options)
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file, recorded with what was loaded from it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_renamed(renamed: list[tuple[str, str]], where: str) -> None:
+    if renamed:
+        log.info("%s: keys mapped onto the model's (%d): %s", where, len(renamed),
+                 ", ".join(f"{old} -> {new}" for old, new in renamed))
+
+
+def weights_payload(path: str | Path, model_cfg: Any, dataset_cfg: Any, *, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint payload from a state_dict file for the architecture of ``model_cfg`` on ``dataset_cfg``;
+    ``settings`` (eps, norm, restarts) are what later evaluations of it default to."""
+    spec = spec_from_config(model_cfg, dataset_info(dataset_cfg))
+    model = checkpoint.build_from_spec(spec)
+    renamed = weights.load_weights(model.net, weights.read_state_dict(path), where=f"weights={path}")
+    log_renamed(renamed, f"weights={path}")
+    source = {"kind": "weights", "path": str(path), "sha256": file_digest(path), "renamed_keys": len(renamed)}
+    return imported(model, spec, model_cfg, dataset_cfg, settings, source)
+
+
+def zoo_payload(name: str, dataset_cfg: Any, *, threat_model: str, model_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint payload from RobustBench's zoo: its architecture and weights, its own preprocessing kept."""
+    info = dataset_info(dataset_cfg)
+    model_cfg = {"name": "robustbench", "zoo_name": name, "zoo_dataset": info.name, "threat_model": threat_model,
+                 "normalize": "none"}
+    trained = zoo.load_zoo_model(name, info.name, threat_model, model_dir)
+    spec = spec_from_config(model_cfg, info)
+    model = checkpoint.build_from_spec(spec)
+    model.net.model.load_state_dict(trained.state_dict())
+    source = {"kind": "robustbench", "name": name, "threat_model": threat_model, "model_dir": str(model_dir)}
+    return imported(model, spec, model_cfg, dataset_cfg, settings, source)
+
+
+def imported(model: torch.nn.Module, spec: dict[str, Any], model_cfg: Any, dataset_cfg: Any,
+             settings: Mapping[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint payload of a model advcli did not train: no training state, and a config that says so
+    (``imported``: its file or zoo name) instead of a training attack it never had."""
+    plain_dataset = config.plain(dataset_cfg) if hasattr(dataset_cfg, "items") else dict(dataset_cfg)
+    return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": model.state_dict(),
+            "model_spec": spec, "epoch": None, "source": source, "history": [],
+            "config": {"model": config.plain(model_cfg) if hasattr(model_cfg, "items") else dict(model_cfg),
+                       "dataset": plain_dataset, "imported": source.get("name") or Path(source["path"]).name,
+                       **settings}}
+
+
+def eval_payload(cfg: Any) -> tuple[dict[str, Any], str]:
+    """The payload ``advcli eval``/``advcli import`` work on, from exactly one of ckpt, weights and robustbench,
+    and how to name it in reports."""
+    given = [key for key in ("ckpt", "weights", "robustbench") if cfg.get(key) is not None]
+    if not given:
+        raise ConfigError(
+            "advcli eval needs a model, and none was given: ckpt is required unless weights= or robustbench= is: "
+            "ckpt=PATH (a checkpoint.pt written by advcli train or advcli import), weights=PATH model=NAME "
+            "dataset=NAME (a plain state_dict), or robustbench=NAME dataset=cifar10 threat_model=Linf.")
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are both given; pass one model: ckpt=, weights= or robustbench=.")
+    if given == ["ckpt"]:
+        if cfg.get("model") is not None or cfg.get("dataset") is not None:
+            raise ConfigError("model= and dataset= come from the checkpoint with ckpt=PATH (it rebuilds its own "
+                              "model on its own data); leave them out, or use weights=PATH for a plain state_dict.")
+        return checkpoint.load(cfg.ckpt), str(cfg.ckpt)
+    if cfg.get("dataset") is None or (given == ["weights"] and cfg.get("model") is None):
+        needs = "model=NAME and dataset=NAME" if given == ["weights"] else "dataset=NAME"
+        raise ConfigError(f"{given[0]}= needs {needs}: a file of weights does not say which architecture and data it "
+                          f"is for (e.g. advcli eval weights=mnist.pth model=small_cnn dataset=mnist eps=0.1).")
+    eps = list(cfg.eps) if isinstance(cfg.eps, Sequence) and not isinstance(cfg.eps, str) else cfg.eps
+    settings = {"eps": eps, "norm": cfg.norm or "linf", "restarts": cfg.restarts or 1}
+    if given == ["weights"]:
+        return weights_payload(cfg.weights, cfg.model, cfg.dataset, settings=settings), str(cfg.weights)
+    return (zoo_payload(cfg.robustbench, cfg.dataset, threat_model=cfg.threat_model, model_dir=cfg.robustbench_dir,
+                        settings=settings), f"robustbench:{cfg.robustbench}")
+
+
+def check_eps_known(cfg: Any, where: str) -> None:
+    if cfg.eps is None:
+        raise ConfigError(f"eps is required with {where}: there is no training run to take it from. Pass the radius "
+                          "the model is evaluated at, e.g. eps=0.1 or eps=8/255 (norm=l2 for an L2 radius).")
+
+
+def save_imported(payload: Mapping[str, Any], path: str | Path) -> None:
+    """Write a model (any source) as an advcli checkpoint that eval, viz, sweeps and ``init=`` load."""
+    checkpoint.save(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    log.info("wrote the model as an advcli checkpoint: %s", path)
+
+
+def described(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"source": ...}`` for results of a model advcli did not train (where it came from); else nothing."""
+    return {"source": payload["source"]} if payload.get("source") else {}
+
+
+def import_model(cfg: Any) -> dict[str, Any]:
+    """``advcli import``: a model of any source, checked to load, written as an advcli checkpoint."""
+    if cfg.get("save_checkpoint") is None:
+        raise ConfigError("advcli import needs save_checkpoint=PATH: where to write the advcli checkpoint (e.g. "
+                          "advcli import weights=mnist.pth model=small_cnn dataset=mnist save_checkpoint=mnist.pt).")
+    payload, where = eval_payload(cfg)
+    checkpoint.rebuild_model(payload, where)
+    save_imported(payload, cfg.save_checkpoint)
+    print(f"wrote {cfg.save_checkpoint}: {payload['model_spec']['name']} from {where}; evaluate it with "
+          f"advcli eval ckpt={cfg.save_checkpoint}")
+    return {"checkpoint": str(cfg.save_checkpoint), **described(payload)}
+
+
+# --- advcli train init=: fine-tuning from another model's weights ----------------------------------------
+
+INIT_HEADS = ("auto", "reset", "keep")
+
+
+def head_keys(state: Mapping[str, Any], net: torch.nn.Module | None = None) -> list[str]:
+    """The classification head's keys: those of ``net``'s last ``nn.Linear``, or in a bare state_dict the last
+    2-D ``weight`` and the ``bias`` after it."""
+    if net is not None:
+        prefix = next(name for name, module in reversed(list(net.named_modules())) if module is zoo.last_linear(net))
+        return [key for key in state if key.rsplit(".", 1)[0] == prefix]
+    weights_2d = [k for k, v in state.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
+    if not weights_2d:
+        return []
+    last = weights_2d[-1]
+    bias = last[: -len("weight")] + "bias"
+    return [last] + ([bias] if bias in state else [])
+
+
+def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The architecture's weights that ``init=`` names (``robustbench``: the zoo's, for model=robustbench; a path:
+    an advcli checkpoint of the same architecture, or a state_dict file), and a record of where they came from."""
+    if init == "robustbench":
+        if spec["name"] != "robustbench":
+            raise ConfigError("init=robustbench starts from a RobustBench zoo model's weights, so it needs "
+                              "model=robustbench model.zoo_name=NAME; for a file use init=PATH.")
+        options = spec["options"]
+        trained = zoo.load_zoo_model(options["zoo_name"], options["zoo_dataset"], options.get("threat_model", "Linf"),
+                                     robustbench_dir)
+        state = {f"model.{k}": v for k, v in trained.state_dict().items()}
+        return state, {"kind": "robustbench", "name": options["zoo_name"]}
+    path = Path(str(init))
+    if not path.is_file():
+        raise ConfigError(f"init={init}: no such file. init takes an advcli checkpoint (checkpoint.pt, or one written "
+                          "by advcli import), a state_dict file (.pt, .pth, .safetensors), or robustbench.")
+    record = {"kind": "weights", "path": str(path), "sha256": file_digest(path)}
+    if path.suffix != ".safetensors" and checkpoint.is_advcli_checkpoint(path):
+        payload = checkpoint.load(path)
+        other = payload["model_spec"]
+        if (other["name"], other.get("options", {})) != (spec["name"], spec["options"]):
+            raise ConfigError(
+                f"init={init} holds a {other['name']} model with options {other.get('options', {})}, and this run "
+                f"trains {spec['name']} with {spec['options']}: the weights would not fit. Pass the checkpoint's "
+                f"architecture (model={other['name']} and its options), or init a state_dict file of this one.")
+        state = {k[len("net."):]: v for k, v in payload["model"].items() if k.startswith("net.")}
+        return state, {**record, "kind": "checkpoint"}
+    return weights.read_state_dict(path), record
+
+
+def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, Any], *,
+               robustbench_dir: str) -> dict[str, Any]:
+    """Load the weights ``init=`` names into ``model.net``: the body always, the head (last layer) when
+    ``head`` is keep, or auto and it fits; a new head otherwise. Returns what the run records about it."""
+    source, record = init_source(init, spec, robustbench_dir)
+    target = model.net.state_dict()
+    target_head, source_head = head_keys(target, model.net), head_keys(source)
+    fits = [source[k].shape for k in source_head] == [target[k].shape for k in target_head]
+    keep = head == "keep" or (head == "auto" and fits)
+    if keep and not fits:
+        raise ConfigError(
+            f"init={init} init_head=keep: the file's last layer has shapes "
+            f"{[tuple(source[k].shape) for k in source_head]}, this run's {[tuple(target[k].shape) for k in target_head]} "
+            f"({spec['num_classes']} classes). Use init_head=reset (a new last layer) to fine-tune on other classes.")
+    if not keep:
+        source = {k: v for k, v in source.items() if k not in source_head}
+        target = {k: v for k, v in target.items() if k not in target_head}
+    mapping = weights.match_keys(source, target, where=f"init={init}")
+    model.net.load_state_dict({k: source[v] for k, v in mapping.items()}, strict=False)
+    log_renamed([(v, k) for k, v in mapping.items() if k != v], f"init={init}")
+    log.info("initialised from %s: %d tensors loaded, %s", init, len(mapping),
+             "its last layer kept" if keep else "a new last layer")
+    return {**record, "init": str(init), "head": "kept" if keep else "reset"}
