@@ -163,6 +163,19 @@ def check_same_run(payload: dict[str, Any], path: str | Path, settings: dict[str
             f"train and report a run under settings it was not trained with. {ways_out}")
 
 
+def check_same_model(payload: dict[str, Any], path: str | Path, spec: dict[str, Any]) -> None:
+    """Refuse to continue a run whose model spec differs from this run's: the data's statistics or classes changed
+    (an image folder whose files changed), so the model would be trained and labelled as something else."""
+    stored = payload.get("model_spec", {})
+    changed = [key for key in sorted({*stored, *spec}) if stored.get(key) != spec.get(key)]
+    if changed:
+        raise CheckpointError(
+            f"Cannot resume from {path}: its model was built with other {', '.join(changed)} ("
+            + "; ".join(f"{key}: {stored.get(key)!r} -> {spec.get(key)!r}" for key in changed[:3])[:400]
+            + "). The data changed since the run started (e.g. images added to an image folder). Start a new run "
+            "(resume=never, or another directory).")
+
+
 def resume_point(choice: Any, ckpt_path: Path) -> Path | None:
     """The checkpoint a run continues (``resume=``): ``PATH``; with ``auto`` the run directory's own checkpoint.pt
     if there is one (running a command again continues it); with ``never`` none."""

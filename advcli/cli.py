@@ -52,7 +52,7 @@ def main() -> None:
     if command == "summarize":
         return summarize_command(args)
     check_run_directory(args)
-    if command == "eval":
+    if command in ("eval", "import"):
         args = eps_list_as_typed(args)
     sys.argv = [f"advcli {command}", *args]
     {"train": train_app, "eval": eval_app, "viz": viz_app, "import": import_app}[command]()

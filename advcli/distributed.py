@@ -92,6 +92,10 @@ def joined(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
     ranks = from_environment()
     try:
         yield ranks, start(ranks, device)
+        # every rank finished: leave together, so that no rank tears gloo down while another still talks to it
+        # (a rank leaving early has aborted at exit: "terminate called without an active exception"). Not on an
+        # error, where the other ranks may never arrive; torchrun stops them.
+        barrier()
     finally:
         stop()
 

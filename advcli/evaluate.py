@@ -319,13 +319,20 @@ def check_eval_settings(cfg: DictConfig) -> CheckpointEvaluation:
     escalation(attack_cfgs, config.plain(cfg.evaluation.get("escalate") or {}))
     split = config.require_choice("split", cfg.split, SPLITS)
     if cfg.model_info.path is not None:
-        leaderboard.check_protocol(attack_cfgs, num_examples=s.num_test, split=split, eps_values=s.eps_values)
+        leaderboard.check_protocol(attack_cfgs, num_examples=s.num_test, split=split, eps_values=s.eps_values,
+                                   amp=cfg.evaluation.amp)
     return CheckpointEvaluation(cfg, payload, s, attack_cfgs, split, where)
 
 
 def load_examples(job: CheckpointEvaluation, device: torch.device) -> tuple[str, data.ImageSet]:
     """The dataset's name and the examples to evaluate on (the split's first ``evaluation.num_examples``)."""
     dataset = config.dataset_choice(job.payload["config"]["dataset"])
+    if job.spec.get("classes"):  # named classes (an image folder): the labels mean what they meant in training
+        now = list(data.dataset_info(dataset.name, **dataset.options).classes or [])
+        if now != job.spec["classes"]:
+            raise checkpoint.CheckpointError(
+                f"{job.where} was trained on the classes {job.spec['classes']}, and the data now has {now}: its "
+                "outputs would be scored against other labels. Evaluate it on the data it was trained on.")
     images = data.load_split(dataset.name, job.split, root=job.settings.data_root, download=job.cfg.data.download,
                              **dataset.options)
     if job.settings.num_test is not None:

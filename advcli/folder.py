@@ -98,29 +98,47 @@ def channel_stats(images: ImageSet) -> tuple[list[float], list[float]]:
 
 
 def _stats_key(path: str, image_size: int, channels: int) -> str:
+    """Size, channels, and the name, size and modification time of every training image ImageFolder would read
+    (it follows symbolic links, and so does this)."""
+    from torchvision import datasets
+
+    train = str(_split_dir(path, "train"))
+    _, class_to_index = datasets.folder.find_classes(train)
+    samples = datasets.folder.make_dataset(train, class_to_index, extensions=datasets.folder.IMG_EXTENSIONS)
     digest = hashlib.sha256(f"{image_size}:{channels}".encode())
-    for file in sorted(Path(path, "train").rglob("*")):
-        if file.is_file():
-            stat = file.stat()
-            digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for file, label in samples:
+        stat = os.stat(file)
+        digest.update(f"{os.path.relpath(file, path)}:{label}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+def _read_cache(cache: Path) -> dict[str, Any]:
+    try:
+        stored = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _write_cache(cache: Path, stored: dict[str, Any]) -> None:
+    """Written whole or not at all (two runs may measure the same folder at once)."""
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(stored, indent=1))
+        os.replace(tmp, cache)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only data folder: the statistics are computed again next time
 
 
 def info(*, path: str, image_size: int, channels: int) -> DatasetInfo:
     """Classes, shape and the training split's statistics (cached beside the data)."""
     classes = class_names(path)
     cache, key = Path(path) / STATS_FILE, _stats_key(path, image_size, channels)
-    try:
-        stored = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        stored = {}
-    if key not in stored:
+    stored = _read_cache(cache)
+    stats = stored.get(key)
+    if not (isinstance(stats, dict) and len(stats.get("mean", [])) == channels == len(stats.get("std", []))):
         mean, std = channel_stats(load_split("train", path=path, image_size=image_size, channels=channels))
-        stored = {**stored, key: {"mean": mean, "std": [max(s, 1e-6) for s in std]}}
-        try:
-            cache.write_text(json.dumps(stored, indent=1))
-        except OSError:
-            pass  # a read-only data folder: the statistics are computed again next time
-    stats = stored[key]
+        stats = {"mean": mean, "std": [max(s, 1e-6) for s in std]}
+        _write_cache(cache, {**stored, key: stats})
     return DatasetInfo("folder", len(classes), channels, image_size, tuple(stats["mean"]), tuple(stats["std"]),
                        classes=classes)

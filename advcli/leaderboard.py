@@ -18,14 +18,16 @@ FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes",
           "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "unreliable")
 
 
-def check_protocol(attack_cfgs: Mapping[str, Any], *, num_examples: int | None, split: str, eps_values) -> None:
-    """Refuse (one paragraph) to write a leaderboard entry from anything but standard AutoAttack on the whole
-    test set at one eps."""
+def check_protocol(attack_cfgs: Mapping[str, Any], *, num_examples: int | None, split: str, eps_values,
+                   amp: str) -> None:
+    """Refuse (one paragraph) to write a leaderboard entry from anything but standard AutoAttack, once, in full
+    precision, on the whole test set at one eps."""
     problems = []
     kinds = {name: config.attack_kind(cfg) for name, cfg in attack_cfgs.items()}
     aa = [name for name, kind in kinds.items() if kind == "autoattack"]
-    if not aa:
-        problems.append("the evaluation does not run AutoAttack (use evaluation=autoattack)")
+    if len(aa) != 1:
+        problems.append("the evaluation does not run AutoAttack (use evaluation=autoattack)" if not aa else
+                        f"it runs AutoAttack {len(aa)} times ({', '.join(aa)}); the entry needs exactly one")
     else:
         settings = attack_cfgs[aa[0]]
         if settings.get("version", "standard") != "standard" or settings.get("attacks") is not None:
@@ -37,6 +39,8 @@ def check_protocol(attack_cfgs: Mapping[str, Any], *, num_examples: int | None, 
         problems.append(f"split={split} is not the test set")
     if len(eps_values) != 1:
         problems.append("a leaderboard entry is for one eps, not a curve")
+    if amp != "off":
+        problems.append(f"evaluation.amp={amp} attacks in reduced precision (the protocol is full precision: off)")
     if problems:
         raise ConfigError(
             "model_info.path is set, but this evaluation is not RobustBench's protocol: " + "; ".join(problems) +
@@ -44,10 +48,11 @@ def check_protocol(attack_cfgs: Mapping[str, Any], *, num_examples: int | None, 
             "evaluation=autoattack (standard AutoAttack, the whole test set) to write model_info.")
 
 
-def eps_text(eps: float) -> str:
-    """``8/255`` for radii that are a whole number of 255ths, as RobustBench writes them; else the number."""
+def eps_text(eps: float, norm: str = "linf") -> str:
+    """An L-inf radius that is a whole number of 255ths as ``8/255``, as RobustBench writes them; else the number
+    (L2 radii such as 0.5)."""
     in_255 = Fraction(eps).limit_denominator(10_000) * 255
-    return f"{int(in_255)}/255" if in_255.denominator == 1 and eps > 0 else f"{eps:g}"
+    return f"{int(in_255)}/255" if norm == "linf" and in_255.denominator == 1 and eps > 0 else f"{eps:g}"
 
 
 def model_info(metrics: Mapping[str, Any], about: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,9 +64,9 @@ def model_info(metrics: Mapping[str, Any], about: Mapping[str, Any]) -> dict[str
         "link": about.get("link") or "", "name": about.get("name") or metrics["model"],
         "authors": about.get("authors") or "", "additional_data": bool(about.get("additional_data", False)),
         "number_forward_passes": 1, "dataset": metrics["dataset"], "venue": about.get("venue") or "",
-        "architecture": about.get("architecture") or metrics["model"], "eps": eps_text(metrics["eps"]),
+        "architecture": about.get("architecture") or metrics["model"], "eps": eps_text(metrics["eps"], metrics["norm"]),
         "clean_acc": f"{100 * results['clean']['acc']:.2f}",
-        "reported": about.get("reported") or f"{100 * robust['acc']:.2f}",
+        "reported": str(about.get("reported") or ""),  # the paper's own figure: only the user knows it
         "autoattack_acc": f"{100 * robust['acc']:.2f}", "footnote": about.get("footnote") or "",
         "unreliable": False,
     }

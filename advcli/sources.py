@@ -31,16 +31,21 @@ def normalization(choice: Any, info: data.DatasetInfo) -> tuple[list[float], lis
         return list(info.mean), list(info.std)
     if choice == "none":
         return [0.0] * info.in_channels, [1.0] * info.in_channels
-    given = config.plain(choice) if hasattr(choice, "items") else None
-    mean, std = (given or {}).get("mean"), (given or {}).get("std")
-    if given is None or set(given) != {"mean", "std"} or len(list(mean)) != info.in_channels or \
-            len(list(std)) != info.in_channels or min(std) <= 0:
+    given = config.plain(choice) if hasattr(choice, "items") else {}
+    mean, std = given.get("mean"), given.get("std")
+    if not (set(given) == {"mean", "std"} and _numbers(mean, info.in_channels) and _numbers(std, info.in_channels)
+            and min(std) > 0):
         raise ConfigError(
             f"model.normalize={choice!r} is not a normalisation advcli knows. Use model.normalize=dataset (the "
             f"dataset's mean and std, the default), model.normalize=none (raw [0, 1] pixels), or explicit values, "
             f"one per channel ({info.in_channels} here) with every std > 0: "
             f"model.normalize={{mean:[{','.join(['0.5'] * info.in_channels)}],std:[{','.join(['0.25'] * info.in_channels)}]}}.")
     return [float(m) for m in mean], [float(s) for s in std]
+
+
+def _numbers(values: Any, count: int) -> bool:
+    return isinstance(values, (list, tuple)) and len(values) == count and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def spec_from_config(model_cfg: Any, info: data.DatasetInfo, *, adversarial_class: bool = False) -> dict[str, Any]:
@@ -80,7 +85,8 @@ def weights_payload(path: str | Path, model_cfg: Any, dataset_cfg: Any, *, setti
     ``settings`` (eps, norm, restarts) are what later evaluations of it default to."""
     spec = spec_from_config(model_cfg, dataset_info(dataset_cfg))
     model = checkpoint.build_from_spec(spec)
-    renamed = weights.load_weights(model.net, weights.read_state_dict(path), where=f"weights={path}")
+    renamed = weights.load_weights(model.net, weights.read_state_dict(path), where=f"weights={path}",
+                                   ordered=weights.keeps_order(path))
     log_renamed(renamed, f"weights={path}")
     source = {"kind": "weights", "path": str(path), "sha256": file_digest(path), "renamed_keys": len(renamed)}
     return imported(model, spec, model_cfg, dataset_cfg, settings, source)
@@ -104,6 +110,7 @@ def imported(model: torch.nn.Module, spec: dict[str, Any], model_cfg: Any, datas
     """The checkpoint payload of a model advcli did not train: no training state, and a config that says so
     (``imported``: its file or zoo name) instead of a training attack it never had."""
     plain_dataset = config.plain(dataset_cfg) if hasattr(dataset_cfg, "items") else dict(dataset_cfg)
+    source = {**source, "options": spec["options"], "mean": spec["mean"], "std": spec["std"]}  # as evaluated
     return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": model.state_dict(),
             "model_spec": spec, "epoch": None, "source": source, "history": [],
             "config": {"model": config.plain(model_cfg) if hasattr(model_cfg, "items") else dict(model_cfg),
@@ -127,12 +134,16 @@ def eval_payload(cfg: Any) -> tuple[dict[str, Any], str]:
             raise ConfigError("model= and dataset= come from the checkpoint with ckpt=PATH (it rebuilds its own "
                               "model on its own data); leave them out, or use weights=PATH for a plain state_dict.")
         return checkpoint.load(cfg.ckpt), str(cfg.ckpt)
+    if given == ["robustbench"] and cfg.get("model") is not None:
+        raise ConfigError("model= is not used with robustbench=: the zoo model brings its own architecture and "
+                          "preprocessing; leave model= out (or evaluate a state_dict with weights= model=NAME).")
     if cfg.get("dataset") is None or (given == ["weights"] and cfg.get("model") is None):
         needs = "model=NAME and dataset=NAME" if given == ["weights"] else "dataset=NAME"
         raise ConfigError(f"{given[0]}= needs {needs}: a file of weights does not say which architecture and data it "
                           f"is for (e.g. advcli eval weights=mnist.pth model=small_cnn dataset=mnist eps=0.1).")
     eps = list(cfg.eps) if isinstance(cfg.eps, Sequence) and not isinstance(cfg.eps, str) else cfg.eps
-    settings = {"eps": eps, "norm": cfg.norm or "linf", "restarts": cfg.restarts or 1}
+    norm = zoo.threat_norm(cfg.threat_model, cfg.norm) if given == ["robustbench"] else cfg.norm or "linf"
+    settings = {"eps": eps, "norm": norm, "restarts": cfg.restarts or 1}
     if given == ["weights"]:
         return weights_payload(cfg.weights, cfg.model, cfg.dataset, settings=settings), str(cfg.weights)
     return (zoo_payload(cfg.robustbench, cfg.dataset, threat_model=cfg.threat_model, model_dir=cfg.robustbench_dir,
@@ -180,7 +191,7 @@ def head_keys(state: Mapping[str, Any], net: torch.nn.Module | None = None) -> l
     if net is not None:
         prefix = next(name for name, module in reversed(list(net.named_modules())) if module is zoo.last_linear(net))
         return [key for key in state if key.rsplit(".", 1)[0] == prefix]
-    weights_2d = [k for k, v in state.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
+    weights_2d = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     if not weights_2d:
         return []
     last = weights_2d[-1]
@@ -213,9 +224,15 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str) -> tup
                 f"init={init} holds a {other['name']} model with options {other.get('options', {})}, and this run "
                 f"trains {spec['name']} with {spec['options']}: the weights would not fit. Pass the checkpoint's "
                 f"architecture (model={other['name']} and its options), or init a state_dict file of this one.")
+        if (other["mean"], other["std"]) != (list(spec["mean"]), list(spec["std"])):
+            raise ConfigError(
+                f"init={init} was trained behind the input normalisation mean={other['mean']} std={other['std']}, and "
+                f"this run normalises with mean={spec['mean']} std={spec['std']}: its weights would see inputs on "
+                "another scale. Pass the same normalisation (model.normalize=none, or "
+                f"model.normalize={{mean:{other['mean']},std:{other['std']}}}).")
         state = {k[len("net."):]: v for k, v in payload["model"].items() if k.startswith("net.")}
         return state, {**record, "kind": "checkpoint"}
-    return weights.read_state_dict(path), record
+    return weights.read_state_dict(path, setting="init"), record
 
 
 def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, Any], *,
@@ -224,7 +241,13 @@ def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, 
     ``head`` is keep, or auto and it fits; a new head otherwise. Returns what the run records about it."""
     source, record = init_source(init, spec, robustbench_dir)
     target = model.net.state_dict()
-    target_head, source_head = head_keys(target, model.net), head_keys(source)
+    if zoo.last_linear(model.net).out_features != checkpoint.num_outputs(spec):
+        raise ConfigError(f"init={init}: the last nn.Linear of {spec['name']} does not make its "
+                          f"{checkpoint.num_outputs(spec)} outputs, so advcli cannot tell which layer is the head "
+                          "to keep or replace; fine-tune a model whose last layer is its classifier.")
+    target_head = head_keys(target, model.net)
+    named_head = [k for k in target_head if k in source]  # the file names the head as the model does
+    source_head = named_head if len(named_head) == len(target_head) else head_keys(source)
     fits = [source[k].shape for k in source_head] == [target[k].shape for k in target_head]
     keep = head == "keep" or (head == "auto" and fits)
     if keep and not fits:
@@ -235,7 +258,7 @@ def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, 
     if not keep:
         source = {k: v for k, v in source.items() if k not in source_head}
         target = {k: v for k, v in target.items() if k not in target_head}
-    mapping = weights.match_keys(source, target, where=f"init={init}")
+    mapping = weights.match_keys(source, target, where=f"init={init}", ordered=weights.keeps_order(str(init)))
     model.net.load_state_dict({k: source[v] for k, v in mapping.items()}, strict=False)
     log_renamed([(v, k) for k, v in mapping.items() if k != v], f"init={init}")
     log.info("initialised from %s: %d tensors loaded, %s", init, len(mapping),

@@ -159,8 +159,9 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
     train_set, val_set, test_set = load_data(cfg, choices, device)
     spec = sources.spec_from_config(cfg.model, info, adversarial_class=bool(choices.objective.extra_outputs))
     model = checkpoint.build_from_spec(spec)
-    started_from = None if cfg.init is None else sources.initialise(model, cfg.init, cfg.init_head, spec,
-                                                                    robustbench_dir=cfg.robustbench_dir)
+    fresh = checkpoint.resume_point(cfg.resume, out / "checkpoint.pt") is None  # a resumed run has its weights
+    started_from = None if cfg.init is None or not fresh else sources.initialise(
+        model, cfg.init, cfg.init_head, spec, robustbench_dir=cfg.robustbench_dir)
     model, channels_last = runtime.prepare_model(model, device, cfg.channels_last)
     net = distributed.wrap(torch.compile(model) if cfg.compile else model, ranks, device)
     if ranks.enabled:  # the same initial weights everywhere (seeded above); each rank its own random starts
@@ -207,6 +208,8 @@ def resume(run: Run) -> TrainingState:
         return TrainingState()
     payload = checkpoint.load(path)
     checkpoint.check_same_run(payload, path, run.fingerprint)
+    checkpoint.check_same_model(payload, path, run.spec)
+    run.started_from = payload.get("init")  # what the run started from then, not what the path holds now
     checkpoint.check_new_length(payload, path, epochs=run.cfg.epochs, lr_schedule=run.cfg.lr_schedule)
     checkpoint.restore_training(payload, path, model=run.model, optimizer=run.opt.optimizer,
                                 scheduler=run.opt.scheduler, scaler=run.opt.scaler)

@@ -11,6 +11,7 @@ key that does not fit. A file is data, never code: PyTorch files are read with `
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -26,23 +27,28 @@ _NESTED = ("state_dict", "model_state_dict", "model", "net")
 _COUNTER = "num_batches_tracked"
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def keeps_order(path: str | Path) -> bool:
+    """Whether a weights file keeps the order its layers were saved in (safetensors files sort their keys)."""
+    return Path(path).suffix != ".safetensors"
+
+
+def read_state_dict(path: str | Path, *, setting: str = "weights") -> dict[str, torch.Tensor]:
     """The tensors of a state_dict file (``.safetensors``, or anything ``torch.save`` wrote), unwrapped from
-    ``{"state_dict": ...}`` and the like."""
+    ``{"state_dict": ...}`` and the like. ``setting``: the key that named the file, for messages."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights={path}: no such file. Pass the path of a state_dict saved with torch.save "
+        raise CheckpointError(f"{setting}={path}: no such file. Pass the path of a state_dict saved with torch.save "
                               "(.pt, .pth) or safetensors (.safetensors).")
-    loaded = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    loaded = _read_safetensors(path, setting) if not keeps_order(path) else _read_torch(path, setting)
     for key in _NESTED:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping) and not _all_tensors(loaded):
             loaded = loaded[key]
             break
     if not isinstance(loaded, Mapping) or not loaded or not _all_tensors(loaded):
         raise CheckpointError(
-            f"weights={path} is not a state_dict: advcli expects a dict of tensor names to tensors (what "
-            "model.state_dict() returns), possibly under a 'state_dict' or 'model' key. For a checkpoint written by "
-            "advcli train use ckpt=PATH instead.")
+            f"{setting}={path} is not a state_dict: advcli expects a dict of tensor names to tensors (what "
+            "model.state_dict() returns), possibly under a 'state_dict' or 'model' key"
+            + (". For a checkpoint written by advcli train use ckpt=PATH instead." if setting == "weights" else "."))
     return dict(loaded)
 
 
@@ -50,31 +56,36 @@ def _all_tensors(tree: Mapping) -> bool:
     return all(isinstance(value, torch.Tensor) for value in tree.values())
 
 
-def _read_torch(path: Path):
+def _refused_global(error: Exception) -> str:
+    """What torch's weights_only loader refused, e.g. ``Unsupported global: GLOBAL torch.nn...Linear``."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(error).__name__)
+
+
+def _read_torch(path: Path, setting: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"weights={path} was refused: it holds Python objects, not only tensors ({first}). advcli reads weights "
-            "with weights_only=True so that a file never runs code; save the model's state_dict() instead of the "
-            "model object.") from None
+            f"{setting}={path} was refused: it holds Python objects, not only tensors ({_refused_global(error)}). "
+            "advcli reads weights with weights_only=True so that a file never runs code; save the model's "
+            "state_dict() instead of the model object.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"weights={path} cannot be read: it is truncated or not a PyTorch file "
+        raise CheckpointError(f"{setting}={path} cannot be read: it is truncated or not a PyTorch file "
                               f"({type(error).__name__}).") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, setting: str) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise MissingExtra(f"weights={path} is a safetensors file, and reading it needs the safetensors package, "
+        raise MissingExtra(f"{setting}={path} is a safetensors file, and reading it needs the safetensors package, "
                            "which is not installed. Install it with `pip install safetensors` (or "
                            "`pip install 'advcli[import]'`) and run again.") from None
     try:
         return load_file(str(path), device="cpu")
     except Exception as error:  # safetensors raises its own SafetensorError for a damaged file
-        raise CheckpointError(f"weights={path} cannot be read as safetensors ({type(error).__name__}: "
+        raise CheckpointError(f"{setting}={path} cannot be read as safetensors ({type(error).__name__}: "
                               f"{' '.join(str(error).split())[:200]}).") from None
 
 
@@ -90,68 +101,92 @@ def _fits(source: torch.Tensor, target: torch.Tensor, source_key: str, target_ke
     return source.shape == target.shape and _kind(source_key) == _kind(target_key)
 
 
-def match_keys(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *,
-               where: str) -> dict[str, str]:
-    """``{target key: source key}`` for every tensor of ``target`` (the architecture's own state_dict), taken
-    from ``source`` as named, with a prefix removed, or by position; a CheckpointError naming the first key that
-    does not fit otherwise. BatchNorm's ``num_batches_tracked`` counters are matched only where both have them."""
+def match_keys(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *, where: str,
+               ordered: bool = True) -> dict[str, str]:
+    """``{target key: source key}`` for every tensor of ``target`` (the architecture's own state_dict).
+
+    A prefix common to the file's keys (``module.``) is removed; names the model shares are matched by name, and
+    only the rest are paired in order (an ``nn.Sequential`` twin: all of them), each pair checked for shape and
+    kind. ``ordered``: whether the file keeps the layers' order (safetensors files sort their keys, so their
+    tensors are matched by name only). A CheckpointError names the first key that does not fit.
+    BatchNorm's ``num_batches_tracked`` counters follow their layer's weight, where the file has them."""
     wanted = {k: v for k, v in target.items() if _kind(k) != _COUNTER}
     given = {k: v for k, v in source.items() if _kind(k) != _COUNTER}
-    for strip in _prefixes(given, wanted):
-        renamed = {key[len(strip):]: key for key in given}
-        if renamed.keys() == wanted.keys():
-            bad = next((k for k in wanted if given[renamed[k]].shape != wanted[k].shape), None)
-            if bad is None:
-                return {**renamed, **_counters(source, target, lambda k: strip + k)}
-            raise CheckpointError(
-                f"{where}: key {renamed[bad]!r} has shape {_shape(given[renamed[bad]])}, but the model's {bad!r} "
-                f"has shape {_shape(wanted[bad])}. Check model=NAME and its options (e.g. model.width, "
-                "model.hidden), and dataset=NAME (its classes, channels and image size shape the first and last "
-                "layers).")
-    return _match_by_position(given, wanted, source, target, where=where)
+    if not wanted:
+        return {}
+    strip = max(_prefixes(given, wanted), key=lambda p: sum(k.startswith(p) and k[len(p):] in wanted for k in given))
+    renamed = {(key[len(strip):] if key.startswith(strip) else key): key for key in given}
+    mapping = {}
+    for key in wanted:
+        if key in renamed:
+            if given[renamed[key]].shape != wanted[key].shape:
+                raise CheckpointError(
+                    f"{where}: key {renamed[key]!r} has shape {_shape(given[renamed[key]])}, but the model's {key!r} "
+                    f"has shape {_shape(wanted[key])}. Check model=NAME and its options (e.g. model.width, "
+                    "model.hidden), and dataset=NAME (its classes, channels and image size shape the first and last "
+                    "layers).")
+            mapping[key] = renamed[key]
+    left_target = [k for k in wanted if k not in mapping]
+    left_source = [renamed[k] for k in renamed if k not in wanted]
+    if left_target or left_source:
+        mapping.update(_match_by_position(left_source, left_target, given, wanted, where=where, ordered=ordered))
+    return {**mapping, **_counters(source, target, mapping)}
 
 
 def _prefixes(given: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> list[str]:
-    """The candidate prefixes of the source's keys: none, and what precedes the first target key's name."""
-    first = next(iter(wanted))
-    found = [""]
+    """The candidate prefixes of the source's keys: none, and whatever precedes a model key's name."""
+    found = {""}
     for key in given:
-        if key.endswith("." + first):
-            found.append(key[: -len(first)])
+        for name in wanted:
+            if key.endswith("." + name):
+                found.add(key[: -len(name)])
+    return sorted(found, key=len)
+
+
+def _counters(source, target, mapping) -> dict[str, str]:
+    """Each model counter from the file's counter of the layer its weight came from."""
+    found = {}
+    for key in target:
+        module = key[: -len(_COUNTER)]
+        if _kind(key) == _COUNTER and module + "weight" in mapping:
+            candidate = mapping[module + "weight"][: -len("weight")] + _COUNTER
+            if candidate in source:
+                found[key] = candidate
     return found
 
 
-def _counters(source, target, source_name) -> dict[str, str]:
-    return {k: source_name(k) for k in target if _kind(k) == _COUNTER and source_name(k) in source}
-
-
-def _match_by_position(given, wanted, source, target, *, where: str) -> dict[str, str]:
-    pairs = list(zip(wanted.items(), given.items()))
-    for (target_key, target_tensor), (source_key, source_tensor) in pairs:
-        if not _fits(source_tensor, target_tensor, source_key, target_key):
-            raise CheckpointError(
-                f"{where}: key {source_key!r} {_shape(source_tensor)} does not fit the model's {target_key!r} "
-                f"{_shape(target_tensor)}, where the names do not match and the tensors were paired in order. "
-                "advcli maps keys that differ by a prefix or by layer position only when every tensor's shape "
-                "fits; check model=NAME and its options, and dataset=NAME.")
-    if len(given) != len(wanted):
-        longer, name = (given, "the file") if len(given) > len(wanted) else (wanted, "the model")
-        extra = list(longer)[len(pairs)]
+def _match_by_position(left_source: list[str], left_target: list[str], given, wanted, *, where: str,
+                       ordered: bool) -> dict[str, str]:
+    """Pair the tensors whose names did not match, in order, each checked for shape and kind."""
+    hint = "Check model=NAME and its options, and dataset=NAME."
+    if len(left_source) != len(left_target):
+        file_longer = len(left_source) > len(left_target)
+        longer, tensors = (left_source, given) if file_longer else (left_target, wanted)
+        first = longer[min(len(left_source), len(left_target))]
         raise CheckpointError(
-            f"{where}: the file has {len(given)} tensors and the model {len(wanted)}; the first without a "
-            f"counterpart is {name}'s {extra!r} {_shape(longer[extra])}. Check model=NAME and its options, and "
-            "dataset=NAME.")
-    mapping = {target_key: source_key for (target_key, _), (source_key, _) in pairs}
-    source_counters = [k for k in source if _kind(k) == _COUNTER]
-    target_counters = [k for k in target if _kind(k) == _COUNTER]
-    if len(source_counters) == len(target_counters):
-        mapping.update(zip(target_counters, source_counters))
-    return mapping
+            f"{where}: {len(left_source)} of the file's tensors and {len(left_target)} of the model's have no "
+            f"counterpart by name; the first without one in order is {'the file' if file_longer else 'the model'}'s "
+            f"{first!r} {_shape(tensors[first])}. {hint}")
+    if not ordered:
+        raise CheckpointError(
+            f"{where}: {len(left_source)} tensor name(s) do not match the model's (the first: the file's "
+            f"{left_source[0]!r}, the model's {left_target[0]!r}), and a safetensors file does not keep the layers' "
+            "order, so advcli cannot pair them by position. Rename the file's keys to the model's, or save a "
+            "PyTorch state_dict (torch.save) instead.")
+    for source_key, target_key in zip(left_source, left_target):
+        if not _fits(given[source_key], wanted[target_key], source_key, target_key):
+            raise CheckpointError(
+                f"{where}: key {source_key!r} {_shape(given[source_key])} does not fit the model's {target_key!r} "
+                f"{_shape(wanted[target_key])}, where the names do not match and the tensors were paired in order. "
+                f"advcli maps keys that differ by a prefix or by layer position only when every tensor's shape "
+                f"fits. {hint}")
+    return dict(zip(left_target, left_source))
 
 
-def load_weights(net: nn.Module, source: Mapping[str, torch.Tensor], *, where: str) -> list[tuple[str, str]]:
+def load_weights(net: nn.Module, source: Mapping[str, torch.Tensor], *, where: str,
+                 ordered: bool = True) -> list[tuple[str, str]]:
     """Copy ``source`` into ``net`` (see `match_keys`); the ``(file key, model key)`` pairs whose names differ."""
     target = net.state_dict()
-    mapping = match_keys(source, target, where=where)
+    mapping = match_keys(source, target, where=where, ordered=ordered)
     net.load_state_dict({k: source[v] for k, v in mapping.items()}, strict=False)
     return [(v, k) for k, v in mapping.items() if k != v]

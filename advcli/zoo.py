@@ -11,6 +11,7 @@ normalisation in front of it (``model.normalize=none``).
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from advcli.errors import CheckpointError, ConfigError, MissingExtra
 
 THREAT_MODELS = ("Linf", "L2", "corruptions")
 ZOO_DATASETS = ("cifar10", "cifar100", "imagenet")
+ZOO_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 
 def _reference_autoattack_as_robustbench_imports_it() -> None:
@@ -53,10 +55,23 @@ def require_robustbench():
     return robustbench.utils
 
 
+def threat_norm(threat_model: str, norm: str | None) -> str:
+    """The norm a zoo model of ``threat_model`` is attacked in; a contradicting ``norm=`` is refused."""
+    norms = {"Linf": "linf", "L2": "l2"}
+    if threat_model not in norms:
+        raise ConfigError(f"threat_model={threat_model}: advcli evaluates adversarial robustness, in the Linf or L2 "
+                          "threat model (RobustBench's corruptions models are not attacked with a radius).")
+    if norm is not None and norm != norms[threat_model]:
+        raise ConfigError(f"norm={norm} contradicts threat_model={threat_model}: a {threat_model} model is evaluated in "
+                          f"its own threat model; leave norm out (it follows threat_model) or pass norm={norms[threat_model]}.")
+    return norms[threat_model]
+
+
 def check_zoo_name(name: str, dataset: str, threat_model: str) -> None:
     """Refuse a dataset, threat model or model name that RobustBench's zoo does not have, in one paragraph."""
     if dataset not in ZOO_DATASETS:
-        raise ConfigError(f"dataset={dataset}: RobustBench's zoo holds models for {', '.join(ZOO_DATASETS)} only.")
+        raise ConfigError(f"RobustBench's zoo holds models for {', '.join(ZOO_DATASETS)} only, not {dataset}. To "
+                          "fine-tune a zoo model on other data, name its dataset: model.zoo_dataset=cifar10.")
     if threat_model not in THREAT_MODELS:
         raise ConfigError(f"threat_model={threat_model} is not one of RobustBench's: {', '.join(THREAT_MODELS)}.")
     require_robustbench()
@@ -77,6 +92,12 @@ def load_zoo_model(name: str, dataset: str, threat_model: str, model_dir: str | 
     check_zoo_name(name, dataset, threat_model)
     utils = require_robustbench()
     path = Path(model_dir) / dataset / threat_model / f"{name}.pt"
+    if path.is_file():  # robustbench reads it with torch.load's defaults: check first that it is data only
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"robustbench={name}: {path} holds Python objects, not only tensors; advcli loads "
+                                  "weights as data only (weights_only=True). Download the zoo's file again.") from None
     try:
         return utils.load_model(model_name=name, model_dir=str(model_dir), dataset=dataset,
                                 threat_model=threat_model).eval()
@@ -111,8 +132,11 @@ class ZooNet(nn.Module):
         from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
         self.model = model_dicts[BenchmarkDataset(zoo_dataset)][ThreatModel(threat_model)][zoo_name]["model"]()
-        self.zoo_classes = last_linear(self.model).out_features
-        if num_classes != self.zoo_classes:  # fine-tuning on other classes: a new last layer
+        zoo_classes = ZOO_CLASSES[zoo_dataset]
+        if last_linear(self.model).out_features != zoo_classes:
+            raise ConfigError(f"model.zoo_name={zoo_name}: its last nn.Linear does not make the {zoo_classes} outputs "
+                              "of its dataset, so advcli cannot tell which layer is its classifier.")
+        if num_classes != zoo_classes:  # fine-tuning on other classes: a new last layer
             replace_head(self.model, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

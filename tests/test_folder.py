@@ -12,7 +12,7 @@ from PIL import Image
 
 from advcli import checkpoint, folder, viz
 from advcli.data import dataset_info, load_split
-from advcli.errors import DataError
+from advcli.errors import CheckpointError, DataError
 from advcli.evaluate import evaluate_checkpoint
 from advcli.train import train
 from advcli.viz import visualize_checkpoints
@@ -112,3 +112,18 @@ def test_the_pictures_name_the_folders_classes(tmp_path, image_folder, monkeypat
                                                  "num_images=4", "loss_examples=8", "pgd_steps=2", "restarts=1",
                                                  f"output_dir={tmp_path / 'viz'}"]))
     assert any(title.startswith("true cat, said ") for title in titles), titles[:6]
+
+
+def test_a_folder_whose_classes_or_images_changed_is_not_scored_or_resumed_as_before(tmp_path, image_folder):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, "dataset=folder", f"dataset.path={image_folder}", "dataset.image_size=8",
+                               "batch_size=8", "data.val_size=3", "evaluation.sanity.enabled=false")
+    train(compose_config("train", overrides))
+    Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(image_folder / "train" / "cat" / "white.png")
+    with pytest.raises(CheckpointError, match="other mean"):
+        train(compose_config("train", [*overrides, "epochs=2"]))
+    (image_folder / "test" / "eel").rename(image_folder / "test" / "emu")
+    (image_folder / "train" / "eel").rename(image_folder / "train" / "emu")
+    with pytest.raises(CheckpointError, match="trained on the classes"):
+        evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "evaluation=fast", "device=cpu",
+                                                    "progress=false", f"output_dir={tmp_path / 'eval'}"]))

@@ -91,9 +91,34 @@ def test_a_state_dict_with_one_wrong_shape_is_refused_naming_the_key(tmp_path, s
 
 def test_a_missing_or_surplus_tensor_is_refused(tmp_path):
     target = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).state_dict()
-    fewer = dict(list(target.items())[:3])
-    with pytest.raises(CheckpointError, match="the file has 3 tensors and the model 4.*'1.bias'"):
+    fewer = {f"layer{k}": v for k, v in list(target.items())[:3]}
+    with pytest.raises(CheckpointError, match="3 of the file's tensors and 4 of the model's.*the model's '1.bias'"):
         weights.match_keys(fewer, target, where="weights=x")
+    more = {"mu": torch.zeros(3), **{f"layer{k}": v for k, v in target.items()}}
+    with pytest.raises(CheckpointError, match="5 of the file's tensors and 4 of the model's.*the file's 'layer1.bias'"):
+        weights.match_keys(more, target, where="weights=x")
+
+
+def test_names_the_model_shares_are_matched_by_name_and_only_the_rest_by_position():
+    torch.manual_seed(0)
+    target = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), b=nn.Linear(4, 4), head=nn.Linear(4, 2)))
+    saved = nn.Sequential(OrderedDict(b=nn.Linear(4, 4), a=nn.Linear(4, 4), fc=nn.Linear(4, 2)))  # other order
+    renamed = weights.load_weights(target, saved.state_dict(), where="test")
+    assert torch.equal(target.a.weight, saved.a.weight) and torch.equal(target.b.weight, saved.b.weight)
+    assert torch.equal(target.head.weight, saved.fc.weight)
+    assert renamed == [("fc.weight", "head.weight"), ("fc.bias", "head.bias")]
+
+
+def test_safetensors_are_matched_by_name_only_since_they_sort_their_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    twin = nn.Sequential(*[nn.Linear(4, 4, bias=False) for _ in range(12)])
+    named = nn.Sequential(OrderedDict((f"l{k}", nn.Linear(4, 4, bias=False)) for k in range(12)))
+    save_file(dict(twin.state_dict()), str(tmp_path / "twin.safetensors"))
+    assert list(weights.read_state_dict(tmp_path / "twin.safetensors"))[:3] == ["0.weight", "1.weight", "10.weight"]
+    with pytest.raises(CheckpointError, match="does not keep the layers' order"):
+        weights.load_weights(named, weights.read_state_dict(tmp_path / "twin.safetensors"), where="w",
+                             ordered=weights.keeps_order(tmp_path / "twin.safetensors"))
     with pytest.raises(CheckpointError, match="not a state_dict"):
         torch.save({"epoch": 3}, tmp_path / "no_weights.pt")
         weights.read_state_dict(tmp_path / "no_weights.pt")
@@ -117,7 +142,8 @@ def test_explicit_normalisation_composes_from_the_command_line():
     assert (spec["mean"], spec["std"], spec["options"]) == ([0.5], [0.25], {"width": 1, "hidden": 100})
 
 
-@pytest.mark.parametrize("choice", ["imagenet", {"mean": [0.5, 0.5], "std": [1, 1]}, {"mean": [0.5], "std": [0]}])
+@pytest.mark.parametrize("choice", ["imagenet", {"mean": [0.5, 0.5], "std": [1, 1]}, {"mean": [0.5], "std": [0]},
+                                    {"mean": 0.5, "std": 0.25}, {"mean": [0.5], "std": ["x"]}])
 def test_a_bad_normalisation_is_one_paragraph(choice):
     with pytest.raises(ConfigError, match="model.normalize=none"):
         sources.normalization(choice, dataset_info("mnist"))
@@ -172,8 +198,11 @@ def test_batchnorm_buffers_map_by_position_with_or_without_their_step_counters()
     named = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 2, 3), bn=nn.BatchNorm2d(2), head=nn.Linear(2, 3)))
     positional = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Linear(2, 3))
     positional[1].running_mean.add_(1.5)
+    positional[1].num_batches_tracked.fill_(7)
     old_style = {k: v for k, v in positional.state_dict().items() if not k.endswith("num_batches_tracked")}
-    for source in (positional.state_dict(), old_style):
+    for source, counter in ((positional.state_dict(), 7), (old_style, 0)):
+        named.bn.num_batches_tracked.zero_()
         weights.load_weights(named, source, where="test")
         assert torch.equal(named.bn.running_mean, positional[1].running_mean)
         assert torch.equal(named.head.weight, positional[2].weight)
+        assert int(named.bn.num_batches_tracked) == counter

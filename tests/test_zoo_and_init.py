@@ -73,10 +73,14 @@ def test_a_planted_zoo_model_is_loaded_by_robustbench_and_evaluated_as_is(tmp_pa
                                            "evaluation.sanity.enabled=false"))
     images, labels = written["test"]
     x = torch.from_numpy(images).view(-1, 3, 32, 32).float() / 255
-    expected = (trained(x).argmax(1) == labels).float().mean().item()
-    assert metrics["test"]["clean"]["acc"] == pytest.approx(expected)  # its own preprocessing, nothing added
-    assert metrics["source"] == {"kind": "robustbench", "name": PLANTED, "threat_model": "Linf",
-                                 "model_dir": str(zoo_dir)}
+    with torch.no_grad():
+        logits = trained(x)
+    assert metrics["test"]["clean"]["acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert metrics["test"]["clean"]["loss"] == pytest.approx(expected_loss, rel=1e-5)  # its own preprocessing only
+    assert {k: metrics["source"][k] for k in ("kind", "name", "threat_model", "model_dir", "mean", "std")} == {
+        "kind": "robustbench", "name": PLANTED, "threat_model": "Linf", "model_dir": str(zoo_dir),
+        "mean": [0.0] * 3, "std": [1.0] * 3}
 
 
 def test_a_zoo_model_missing_offline_says_where_robustbench_looked(tmp_path, planted_zoo, cifar10_root):
@@ -102,7 +106,9 @@ def test_standard_autoattack_on_the_whole_test_set_writes_a_model_info_entry(tmp
 @pytest.mark.parametrize("extra,fragment", [(["evaluation=fast"], "does not run AutoAttack"),
                                             (["evaluation=autoattack", "evaluation.num_examples=2"], "subset"),
                                             (["evaluation=autoattack", "+evaluation.attacks.autoattack.attacks=[apgd-ce]"],
-                                             "not the standard version")])
+                                             "not the standard version"),
+                                            (["evaluation=autoattack", "evaluation.amp=bf16"], "reduced precision"),
+                                            (["evaluation=autoattack", "eps=[4/255,8/255]"], "not a curve")])
 def test_a_leaderboard_entry_from_another_protocol_is_refused_before_any_work(tmp_path, planted_zoo, cifar10_root,
                                                                               extra, fragment):
     cfg = zoo_eval(tmp_path / "eval", planted_zoo[0], cifar10_root[0], *extra, f"model_info.path={tmp_path / 'e.json'}")
@@ -112,8 +118,17 @@ def test_a_leaderboard_entry_from_another_protocol_is_refused_before_any_work(tm
 
 
 def test_eps_is_written_as_robustbench_writes_it():
-    assert (leaderboard.eps_text(8 / 255), leaderboard.eps_text(0.3), leaderboard.eps_text(0.5)) == ("8/255", "0.3",
-                                                                                                     "0.5")
+    assert [leaderboard.eps_text(8 / 255), leaderboard.eps_text(0.3), leaderboard.eps_text(0.2, "l2"),
+            leaderboard.eps_text(1.0, "l2")] == ["8/255", "0.3", "0.2", "1"]
+
+
+def test_a_zoo_model_is_attacked_in_its_own_threat_model():
+    assert (zoo.threat_norm("Linf", None), zoo.threat_norm("L2", None), zoo.threat_norm("L2", "l2")) == (
+        "linf", "l2", "l2")
+    with pytest.raises(ConfigError, match="contradicts threat_model=L2"):
+        zoo.threat_norm("L2", "linf")
+    with pytest.raises(ConfigError, match="corruptions models are not attacked"):
+        zoo.threat_norm("corruptions", None)
 
 
 # --- init= ------------------------------------------------------------------------------------------------
@@ -151,6 +166,21 @@ def test_a_fine_tuning_run_records_where_it_started(tmp_path, four_class_run):
     assert checkpoint.load(tmp_path / "checkpoint.pt")["config"]["init"] == str(four_class_run)
     with pytest.raises(ConfigError, match="holds a mlp model"):
         train(compose_config("train", tiny_overrides(tmp_path / "other", f"init={four_class_run}", "model=small_cnn")))
+    with pytest.raises(ConfigError, match="another scale"):
+        train(compose_config("train", tiny_overrides(tmp_path / "scale", f"init={four_class_run}",
+                                                     "model.normalize=none")))
+
+
+def test_a_resumed_fine_tuning_run_keeps_the_record_of_what_it_started_from(tmp_path, four_class_run):
+    start = tmp_path / "start.pt"
+    start.write_bytes(four_class_run.read_bytes())
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, f"init={start}", "evaluation.sanity.enabled=false", "evaluation.num_examples=32")
+    first = train(compose_config("train", overrides))
+    start.write_bytes(b"not the weights it started from")  # the path now holds something else
+    resumed = train(compose_config("train", [*overrides, "epochs=2"]))
+    assert resumed["epochs_trained"] == 2 and resumed["init"] == first["init"]
+    assert resumed["init"]["sha256"] == sources.file_digest(four_class_run)
 
 
 def test_init_from_a_robustbench_zoo_model_fine_tunes_it(tmp_path, planted_zoo, cifar10_root):
