@@ -376,9 +376,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         if ranks.is_main:
             report.write_eval_report(out, metrics, found.curve,
                                      title=f"{job.spec['name']} on {dataset} ({job.split}, {len(images)} examples)")
-            tracking.record_evaluation(cfg, out, metrics)  # logger=...: nested under the checkpoint's run if logged
             if cfg.model_info.path is not None:
                 write_model_info(cfg.model_info, metrics)
+            tracking.record_evaluation(cfg, out, metrics)  # logger=...: nested under the checkpoint's run if logged
         return metrics
 
 

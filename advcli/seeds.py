@@ -2,10 +2,10 @@
 mean, the sample standard deviation and n (the seeds that finished).
 
 `group(rows)` takes `advcli.sweep.summarize`'s rows (one per job) and returns one row per group, or None when no
-two jobs differ only in their seed (the summary then stays one row per job). A job's settings are its dataset,
-model, training attack, eps and command-line overrides, less ``seed`` and the settings that change no result
-(`advcli.config.NOT_IN_FINGERPRINT`: device, logger, output_dir, ...). A job whose seed is unknown (``advcli
-eval``, a metrics.json without one) is never grouped.
+two jobs differ only in their seed (the summary then stays one row per job). A job's settings are its whole config
+(the sweep job's ``.hydra/config.yaml``, or the ``settings_id`` a run writes into metrics.json), less ``seed`` and
+the settings that change no result (`advcli.config.NOT_IN_FINGERPRINT`: device, logger, output_dir, ...). A job
+whose seed or settings are unknown (``advcli eval``, an older metrics.json) is never grouped.
 
 The standard deviation is the sample one (n - 1 in the denominator; none for n = 1). Every seed is evaluated on
 the same test examples, so it measures how much training varies, not the test sample's noise (each job's 95%
@@ -15,9 +15,9 @@ Wilson interval stays in the per-job summary, ``advcli summarize --per-job``).
 from __future__ import annotations
 
 import statistics
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from advcli.config import NOT_IN_FINGERPRINT
+from advcli.config import NOT_IN_FINGERPRINT, fingerprint_id, flatten
 
 TIMES = ("train_time_s", "eval_time_s")  # averaged besides every accuracy column
 SHARED = ("dataset", "model", "attack", "eps", "eps_value", "evaluation")  # the same in every job of a group
@@ -28,21 +28,35 @@ def ignored(key: str) -> bool:
     return key == "seed" or any(key == left or key.startswith(left + ".") for left in NOT_IN_FINGERPRINT)
 
 
+def settings_id(run_config: Mapping[str, Any]) -> str:
+    """A hash of a job's whole config less its seed and the settings that change no result: jobs with the same id
+    differ only in their seed."""
+    return fingerprint_id({k: v for k, v in flatten(run_config).items() if not ignored(k)})
+
+
 def settings_key(row: dict[str, Any]) -> tuple | None:
-    """What a job ran, less its seed; None when its seed is unknown."""
-    if row.get("seed") is None:
+    """What a job ran, less its seed (its ``settings_id``); None when its seed or its settings are unknown."""
+    if row.get("seed") is None or row.get("settings_id") is None:
         return None
-    overrides = tuple(sorted((key, str(value)) for key, value in row["overrides"].items() if not ignored(key)))
-    return tuple(str(row.get(key)) for key in ("dataset", "model", "attack", "eps")) + (overrides,)
+    return ("settings", row["settings_id"])
 
 
 def group(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """One row per group of jobs that differ only in ``seed``, in the order of each group's first job; None when
-    every group would hold one job."""
+    every group would hold one job. Finished jobs also group by the precision they ran in (``amp=auto`` is bf16 on
+    one machine, fp32 on another); a failed job joins the group of its settings."""
     groups: dict[Any, list[dict[str, Any]]] = {}
+    unfinished = []
     for index, row in enumerate(rows):
         key = settings_key(row)
-        groups.setdefault(("job", index) if key is None else key, []).append(row)
+        if key is None:
+            groups[("job", index)] = [row]
+        elif row["status"] == "ok":
+            groups.setdefault(key + (row.get("precision"),), []).append(row)
+        else:
+            unfinished.append((key, row))
+    for key, row in unfinished:
+        groups.setdefault(next((k for k in groups if k[:2] == key), key), []).append(row)
     if all(len(members) == 1 for members in groups.values()):
         return None
     return [aggregate(members) for members in groups.values()]
@@ -86,6 +100,7 @@ def aggregate(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [member[column] for member in done if _number(member.get(column))]
         row[f"{column}_mean"] = statistics.fmean(values) if values else None
         row[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        row[f"{column}_n"] = len(values)
     return row
 
 
@@ -100,4 +115,4 @@ def mean_text(row: dict[str, Any], column: str) -> str:
     if not _number(mean):
         return "-"
     shown = f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if _number(spread) else "")
-    return f"{shown} (n={row['n_seeds']})"
+    return f"{shown} (n={row.get(f'{column}_n', row['n_seeds'])})"

@@ -15,6 +15,7 @@ that now owns the directory, are left out.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any, Iterable, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from advcli import seeds
 from advcli.config import choice_name
 from advcli.errors import SweepError, UserError, one_paragraph
 from advcli.report import accuracy_interval, examples_in
@@ -158,15 +160,18 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
     metrics = _read_json(run_dir / METRICS_FILE) if _fresh(run_dir / METRICS_FILE, marker_path) else None
     failure = _read_json(run_dir / FAILED_FILE) if _fresh(run_dir / FAILED_FILE, marker_path) else None
+    job_cfg = _job_config(run_dir)
+    row["settings_id"] = (seeds.settings_id(OmegaConf.to_container(job_cfg, resolve=False)) if job_cfg is not None
+                          else (metrics or {}).get("settings_id"))  # the same settings less the seed: the same id
     if metrics:
         row.update(status="ok", dataset=metrics.get("dataset"), model=metrics.get("model"),
                    attack=metrics.get("attack"), eps=metrics.get("eps_text", metrics.get("eps")),
-                   eps_value=metrics.get("eps"), seed=metrics.get("seed"))
+                   eps_value=metrics.get("eps"), seed=metrics.get("seed"), precision=metrics.get("precision"))
         row.update(accuracy_columns(metrics))
         for key in ("train_time_s", "eval_time_s"):
             row[key] = metrics.get(key)
     else:  # no results: describe the job from the config it was given
-        cfg = _job_config(run_dir)
+        cfg = job_cfg
         if cfg is not None:
             attack = OmegaConf.select(cfg, "attack", default=None)
             row.update(dataset=OmegaConf.select(cfg, "dataset.name", default=None),
@@ -330,6 +335,9 @@ class SweepSummary(Callback):
             _end_tracking(sweep_dir)
 
 
+_TRACKING_ENDED: set[Path] = set()  # sweep directories whose parent run this process has ended
+
+
 def _start_tracking(config: DictConfig, sweep_dir: Path, command_line: list[str]) -> None:
     """The sweep's parent run in the tracker (`advcli.tracking.start_sweep`); a tracker that cannot start stops
     the sweep before any job, in one paragraph."""
@@ -340,14 +348,20 @@ def _start_tracking(config: DictConfig, sweep_dir: Path, command_line: list[str]
     except UserError as error:
         print(f"advcli: error: {one_paragraph(error)}", file=sys.stderr, flush=True)
         sys.exit(error.exit_code)
+    # Ctrl-C or SIGTERM ends a sweep without on_multirun_end (Hydra's multirun has no finally): the parent run
+    # must not stay RUNNING then
+    atexit.register(_end_tracking, sweep_dir, status="KILLED")
 
 
-def _end_tracking(sweep_dir: Path) -> None:
-    """The summary files to the sweep's parent run, which ends; a tracker gone by now costs a warning only."""
+def _end_tracking(sweep_dir: Path, status: str = "FINISHED") -> None:
+    """The summary files to the sweep's parent run, which ends (once); a tracker gone by now costs a warning."""
     from advcli import tracking
 
+    if sweep_dir in _TRACKING_ENDED:
+        return
+    _TRACKING_ENDED.add(sweep_dir)
     try:
-        tracking.end_sweep(sweep_dir, [sweep_dir / name for name in SUMMARY_FILES])
+        tracking.end_sweep(sweep_dir, [sweep_dir / name for name in SUMMARY_FILES], status=status)
     except Exception as error:
         log.warning("the sweep's tracker run could not be closed (%s); the summary is in %s",
                     one_paragraph(error, with_type=True, limit=300), sweep_dir)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -138,9 +140,17 @@ class Tracker:
             try:
                 getattr(logger, method)(*args)
             except Exception as error:
-                del self.loggers[name]
-                log.warning("logger %s failed (%s) and is left out from here on; the run goes on, and its "
-                            "directory keeps every number", name, one_paragraph(error, with_type=True, limit=300))
+                self._drop(name, error)
+
+    def _drop(self, name: str, error: Exception) -> None:
+        """Leave a failed logger out from here on, its tracker run ended as FAILED where it still can be."""
+        logger = self.loggers.pop(name)
+        log.warning("logger %s failed (%s) and is left out from here on; the run goes on, and its directory keeps "
+                    "every number", name, one_paragraph(error, with_type=True, limit=300))
+        try:
+            logger.close("FAILED")
+        except Exception:  # noqa: BLE001 - the tracker is already gone; the warning above says so
+            pass
 
     def start(self, cfg_plain: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self._each("log_config", cfg_plain)
@@ -166,12 +176,20 @@ class Tracker:
         """The final results, verdicts, texts and the run directory's files."""
         if not self.loggers:
             return
-        self._each("log_metrics", result_metrics(metrics), 0)  # a run's single value: MLflow compares it as bars
-        self._each("set_tags", result_tags(metrics))
-        self._each("log_text", "results", results_text(metrics))
-        if metrics.get("sanity"):
-            self._each("log_text", "sanity", report.sanity_table(metrics["sanity"]))
-        self._each("log_files", run_files(Path(folder)))
+        try:  # what is logged, computed here: a problem in it must not fail a run whose results are on disk
+            values, tags, text = result_metrics(metrics), result_tags(metrics), results_text(metrics)
+            sanity = report.sanity_table(metrics["sanity"]) if metrics.get("sanity") else None
+            files = run_files(Path(folder))
+        except Exception as error:  # noqa: BLE001
+            for name in list(self.loggers):
+                self._drop(name, error)
+            return
+        self._each("log_metrics", values, 0)  # a run's single value: MLflow compares it as bars
+        self._each("set_tags", tags)
+        self._each("log_text", "results", text)
+        if sanity is not None:
+            self._each("log_text", "sanity", sanity)
+        self._each("log_files", files)
 
     def close(self, status: str) -> None:
         self._each("close", status)
@@ -258,12 +276,31 @@ def tracked(cfg: Any, out: Path, *, command: str, continuing: bool = False, link
     tracker.start(config.plain(cfg), tags)
     status = "FINISHED"
     try:
-        yield tracker
+        with _terminated_as_interrupted():
+            yield tracker
     except BaseException as error:
         status = "KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED"
         raise
     finally:
         tracker.close(status)
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted() -> Iterator[None]:
+    """SIGTERM (e.g. SLURM's time limit during the final evaluation) as an `Interrupted` error, so that the tracker
+    run ends as KILLED instead of staying RUNNING; training installs its own graceful handler inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise Interrupted("SIGTERM stopped the run; the checkpoint of its last finished epoch is kept.", signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def record_evaluation(cfg: Any, out: Path, metrics: Mapping[str, Any]) -> None:
@@ -276,8 +313,11 @@ def record_evaluation(cfg: Any, out: Path, metrics: Mapping[str, Any]) -> None:
     link = read_state(training)
     tags = {"advcli.checkpoint": str(metrics.get("checkpoint", ckpt)),
             **({"advcli.training_run_dir": str(training)} if link else {})}
-    with tracked(cfg, out, command="eval", link=link, tags=tags) as tracker:
-        tracker.log_results(metrics, out)
+    try:
+        with tracked(cfg, out, command="eval", link=link, tags=tags) as tracker:
+            tracker.log_results(metrics, out)
+    except TrackingError as error:  # the evaluation is done and on disk: a tracker out of reach must not undo it
+        log.warning("the evaluation was not logged (%s); its results are in %s", one_paragraph(error), out)
 
 
 # --- a sweep's parent run --------------------------------------------------------------------------------
@@ -297,11 +337,11 @@ def start_sweep(sweep_cfg: Any, sweep_dir: Path, overrides: Sequence[str]) -> No
     write_state(sweep_dir, {"mlflow": parent.state()})
 
 
-def end_sweep(sweep_dir: Path, files: Sequence[Path]) -> None:
-    """The sweep's summary files as the parent run's artifacts; the parent run ends."""
+def end_sweep(sweep_dir: Path, files: Sequence[Path], status: str = "FINISHED") -> None:
+    """The sweep's summary files as the parent run's artifacts; the parent run ends with ``status``."""
     state = read_state(sweep_dir).get("mlflow")
     if not state:
         return
     parent = loggers.MlflowLogger({"tracking_uri": state["tracking_uri"]}, run_name="", previous=state)
     parent.log_files([(Path(path), "") for path in files if Path(path).is_file()])
-    parent.close("FINISHED")
+    parent.close(status)

@@ -33,7 +33,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from advcli import attacks, averaging, checkpoint, config, data, distributed, paths, report, runtime, sources, tracking
+from advcli import (attacks, averaging, checkpoint, config, data, distributed, paths, report, runtime, seeds, sources,
+                    tracking)
 from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
 from advcli.errors import ConfigError
 from advcli.guards import StopRequests, never_robust, overfitting
@@ -372,6 +373,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "checkpoint": str(run.out / "checkpoint.pt"), "best_checkpoint": str(run.out / "best.pt"),
         "sanity": found.sanity, "overfit_guard": state.stopped or {"triggered": False},
         "fingerprint": config.fingerprint_id(run.fingerprint),
+        "settings_id": seeds.settings_id(config.plain(cfg)),  # the same for runs that differ only in their seed
     }
     if warning:
         metrics["warnings"] = [warning]

@@ -119,3 +119,22 @@ def test_a_two_seed_two_eps_sweep_summarizes_each_eps_from_its_jobs_metrics(tmp_
     every = run_advcli("summarize", "--per-job", "--out", str(tmp_path / "jobs"), str(tmp_path))
     assert every.returncode == 0, every.stderr
     assert len(read_csv(tmp_path / "jobs" / "summary.csv")) == 4
+
+
+def test_runs_without_a_sweeps_config_group_only_by_the_settings_their_metrics_record(tmp_path):
+    """Runs written with output_dir= (no .hydra folder) group by the settings_id in their metrics.json: runs that
+    differ in anything but the seed, or ran in another precision, stay apart."""
+    def run(name, seed, settings, precision, correct):
+        folder = tmp_path / name
+        folder.mkdir()
+        test = {"clean": {"acc": correct / 100, "n": 100}}
+        (folder / "metrics.json").write_text(json.dumps({
+            "dataset": "mnist", "model": "cnn", "attack": "pgd", "eps": 0.3, "eps_text": "0.3", "seed": seed,
+            "num_test": 100, "test": test, "settings_id": settings, "precision": precision}))
+        return folder
+
+    folders = [run("a", 0, "same", "fp32", 90), run("b", 1, "same", "fp32", 80), run("c", 2, "other", "fp32", 10),
+               run("d", 3, "same", "bf16", 50)]
+    rows = seeds.group(sweep.summarize(folders))
+    assert [(row["seeds"], row["clean_acc_mean"]) for row in rows] == [("0 1", pytest.approx(0.85)), ("2", 0.1),
+                                                                      ("3", 0.5)]

@@ -289,3 +289,64 @@ def test_a_sweep_logs_one_run_per_job_nested_under_one_parent_run_and_one_tensor
     again = run_advcli(*command)  # the same sweep again: finished jobs are not logged twice, the parent is reused
     assert again.returncode == 0, again.stderr[-3000:]
     assert [run.info.run_id for run in mlflow_runs(uri)] == [run.info.run_id for run in runs]
+
+
+def test_an_mlflow_logger_that_fails_mid_run_ends_its_run_as_failed(tmp_path, monkeypatch):
+    uri, calls = store(tmp_path), []
+    original = loggers.MlflowLogger.log_metrics
+
+    def fails_once(self, metrics, step):
+        calls.append(step)
+        if len(calls) == 1:
+            raise ConnectionError("server gone")
+        return original(self, metrics, step)
+
+    monkeypatch.setattr(loggers.MlflowLogger, "log_metrics", fails_once)
+    train(compose_config("train", tiny(tmp_path / "run", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}")))
+    (found,) = mlflow_runs(uri)
+    assert found.info.status == "FAILED" and len(calls) == 1  # ended, not left RUNNING; nothing sent after
+
+
+def test_an_eval_whose_store_is_out_of_reach_keeps_its_results(tmp_path, monkeypatch, caplog):
+    run = tmp_path / "run"
+    train(compose_config("train", tiny(run)))
+
+    def unreachable(*args, **kwargs):
+        raise TrackingError("the store cannot be opened")
+
+    monkeypatch.setattr(tracking, "open_logger", unreachable)
+    with caplog.at_level(logging.WARNING, logger="advcli.tracking"):
+        metrics = evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "evaluation=fast",
+                                                              "evaluation.sanity.enabled=false", "device=cpu",
+                                                              "progress=false", "logger=csv",
+                                                              f"output_dir={tmp_path / 'eval'}"]))
+    assert metrics["test"] and (tmp_path / "eval" / "metrics.json").is_file()
+    assert "the evaluation was not logged" in caplog.text
+
+
+def test_a_sweep_stopped_before_its_end_leaves_no_parent_run_running(tmp_path, monkeypatch):
+    from advcli import sweep
+
+    uri, at_exit = store(tmp_path), []
+    monkeypatch.setattr(sweep.atexit, "register", lambda function, *args, **kwargs: at_exit.append(
+        lambda: function(*args, **kwargs)))
+    cfg = compose_config("train", ["logger=mlflow", f"logger.mlflow.tracking_uri={uri}"])
+    sweep._start_tracking(cfg, tmp_path / "sweep", ["eps=0.1,0.2"])
+    (parent,) = mlflow_runs(uri)
+    assert parent.info.status == "RUNNING" and len(at_exit) == 1
+    at_exit[0]()  # what the interpreter runs when Ctrl-C ends the sweep before on_multirun_end
+    assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
+    sweep._end_tracking(tmp_path / "sweep")  # ended once: a later call changes nothing
+    assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
+
+
+def test_sigterm_after_training_ends_the_tracker_run_as_killed(tmp_path):
+    uri = store(tmp_path)
+    cfg = compose_config("train", ["logger=mlflow", f"logger.mlflow.tracking_uri={uri}"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        with tracking.tracked(cfg, tmp_path / "run", command="train"):
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. SLURM's time limit during the final evaluation
+    (found,) = mlflow_runs(uri)
+    assert found.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone with the run
