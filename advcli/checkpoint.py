@@ -78,7 +78,17 @@ def load(path: str | Path) -> dict[str, Any]:
             f"Checkpoint {path} cannot be read: it is truncated or not a PyTorch file ({type(error).__name__}). "
             "A run killed while saving leaves the previous checkpoint intact; use that one, or train again."
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    return checked(payload, path)
+
+
+def is_checkpoint(payload: Any) -> bool:
+    """Whether what a file held carries advcli's checkpoint marker."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def checked(payload: Any, path: str | Path) -> dict[str, Any]:
+    """A loaded file as an advcli checkpoint: its marker and a format version this advcli understands."""
+    if not is_checkpoint(payload):
         raise CheckpointError(
             f"Checkpoint {path} is not an advcli checkpoint (no '{FORMAT}' marker). advcli can only evaluate "
             "checkpoints written by `advcli train`."
@@ -89,15 +99,6 @@ def load(path: str | Path) -> dict[str, Any]:
             f"({VERSION}); upgrade advcli."
         )
     return payload
-
-
-def is_advcli_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a file advcli wrote (its format marker), read safely; False for anything else."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - anything unreadable is not one of ours; the caller's reader says why
-        return False
-    return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
 def model_spec(name: str, options: dict[str, Any], *, in_channels: int, image_size: int, num_classes: int,

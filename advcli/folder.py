@@ -22,6 +22,7 @@ import torch
 
 from advcli.data import DatasetInfo, ImageSet
 from advcli.errors import DataError
+from advcli.report import write_json
 
 DEFAULTS = {"path": None, "image_size": 32, "channels": 3}
 STATS_FILE = ".advcli-stats.json"
@@ -122,12 +123,10 @@ def _read_cache(cache: Path) -> dict[str, Any]:
 
 def _write_cache(cache: Path, stored: dict[str, Any]) -> None:
     """Written whole or not at all (two runs may measure the same folder at once)."""
-    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(stored, indent=1))
-        os.replace(tmp, cache)
+        write_json(cache, stored)
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only data folder: the statistics are computed again next time
+        pass  # a read-only data folder: the statistics are computed again next time
 
 
 def info(*, path: str, image_size: int, channels: int) -> DatasetInfo:

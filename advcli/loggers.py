@@ -87,7 +87,7 @@ class CsvTable:
 
 class CsvLogger:
     """``logger=csv``: in ``FOLDER`` (the run directory's ``csv/``), ``metrics.csv`` (a row per logged step: the
-    epoch, or the epochs trained for the test results), ``batches.csv`` (``log_batches=true``: at the global batch
+    epoch, or 0 for the test results), ``batches.csv`` (``log_batches=true``: at the global batch
     number), ``config.yaml``, ``tags.yaml`` and the texts as Markdown files. Other files stay where the run
     directory has them. ``continuing``: a resumed run, whose rows go on after those already there."""
 

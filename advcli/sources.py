@@ -216,8 +216,9 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str) -> tup
         raise ConfigError(f"init={init}: no such file. init takes an advcli checkpoint (checkpoint.pt, or one written "
                           "by advcli import), a state_dict file (.pt, .pth, .safetensors), or robustbench.")
     record = {"kind": "weights", "path": str(path), "sha256": file_digest(path)}
-    if path.suffix != ".safetensors" and checkpoint.is_advcli_checkpoint(path):
-        payload = checkpoint.load(path)
+    loaded = weights.read_file(path, setting="init")  # read once: an advcli checkpoint or a state_dict
+    if checkpoint.is_checkpoint(loaded):
+        payload = checkpoint.checked(loaded, path)
         other = payload["model_spec"]
         if (other["name"], other.get("options", {})) != (spec["name"], spec["options"]):
             raise ConfigError(
@@ -232,7 +233,7 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str) -> tup
                 f"model.normalize={{mean:{other['mean']},std:{other['std']}}}).")
         state = {k[len("net."):]: v for k, v in payload["model"].items() if k.startswith("net.")}
         return state, {**record, "kind": "checkpoint"}
-    return weights.read_state_dict(path, setting="init"), record
+    return weights.state_dict_of(loaded, path, setting="init"), record
 
 
 def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, Any], *,

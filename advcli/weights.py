@@ -14,7 +14,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -32,14 +32,23 @@ def keeps_order(path: str | Path) -> bool:
     return Path(path).suffix != ".safetensors"
 
 
-def read_state_dict(path: str | Path, *, setting: str = "weights") -> dict[str, torch.Tensor]:
-    """The tensors of a state_dict file (``.safetensors``, or anything ``torch.save`` wrote), unwrapped from
-    ``{"state_dict": ...}`` and the like. ``setting``: the key that named the file, for messages."""
+def read_file(path: str | Path, *, setting: str = "weights") -> Any:
+    """What a weights file holds, read as data only (``.safetensors``, or anything ``torch.save`` wrote).
+    ``setting``: the key that named the file, for messages."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{setting}={path}: no such file. Pass the path of a state_dict saved with torch.save "
                               "(.pt, .pth) or safetensors (.safetensors).")
-    loaded = _read_safetensors(path, setting) if not keeps_order(path) else _read_torch(path, setting)
+    return _read_safetensors(path, setting) if not keeps_order(path) else _read_torch(path, setting)
+
+
+def read_state_dict(path: str | Path, *, setting: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of a state_dict file (`read_file`), unwrapped from ``{"state_dict": ...}`` and the like."""
+    return state_dict_of(read_file(path, setting=setting), path, setting=setting)
+
+
+def state_dict_of(loaded: Any, path: str | Path, *, setting: str = "weights") -> dict[str, torch.Tensor]:
+    """The state_dict in what a file held (`read_file`), or a CheckpointError saying it has none."""
     for key in _NESTED:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping) and not _all_tensors(loaded):
             loaded = loaded[key]
