@@ -104,10 +104,11 @@ def run_guarded(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     from omegaconf.errors import MissingMandatoryValue
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from advcli import sweep
+    from advcli import sweep, threads
 
     try:
         try:
+            threads.configure(cfg.get("threads", "auto"), parallel_jobs=sweep.parallel_jobs())
             with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
                 return task(cfg)
         except MissingMandatoryValue as missing:  # a `???` key of the config left unset, e.g. ckpt

@@ -376,7 +376,7 @@ def check_training(cfg: Any) -> None:
 # --- what a run is: the settings that define it ------------------------------------------------------
 
 # Settings of the process, not of the experiment: they change neither what is trained nor how it is judged.
-NOT_IN_FINGERPRINT = ("device", "channels_last", "compile", "resume", "keep_epochs", "output_dir", "progress",
+NOT_IN_FINGERPRINT = ("device", "threads", "channels_last", "compile", "resume", "keep_epochs", "output_dir", "progress",
                       "log_every", "debug", "data.root", "data.download", "evaluation.batch_size", "robustbench_dir",
                       "logger", "log_batches")  # the trackers a run logs to never block resuming it
 # Settings a resumed run may change: more (or fewer) epochs stretch what is left of the learning-rate schedule;

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advcli import threads
 from advcli.config import AMP_MODES, require_choice
 from advcli.models import is_convolutional
 from advcli.errors import ConfigError
@@ -126,6 +127,8 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: Any) ->
     CPUs and tensor-core GPUs. Returns the model and whether inputs should be channels_last too."""
     use = is_convolutional(model) if str(channels_last) == "auto" else bool(channels_last)
     model = model.to(device)
+    if device.type == "cpu":
+        model.register_forward_pre_hook(threads.keep_fair)  # every attack's queries follow the load too
     if use:
         model = model.to(memory_format=torch.channels_last)
     return model, use

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -250,6 +251,20 @@ def in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def parallel_jobs() -> int:
+    """How many jobs of this sweep run side by side on this machine: a joblib launcher's ``n_jobs`` (-1: one
+    per core), else 1 (one run, a sequential sweep, or SLURM jobs that each get their own cores)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")).lower():
+        return 1
+    n_jobs = int(launcher.get("n_jobs", -1) or 1)
+    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
 
 
 def record_failure(error: Exception, *, debug: bool = False, sweep_goes_on: bool = True) -> dict:

@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Our machines keep MNIST and Fashion-MNIST beside the checkout; a user may point ADVCLI_DATA elsewhere.
 os.environ.setdefault("ADVCLI_DATA", str((REPO / ".." / "shared" / "data").resolve()))
 DATA_ROOT = Path(os.environ["ADVCLI_DATA"])
+# One CPU thread per test process (and per `advcli` it starts): the suite's tiny runs gain nothing from more,
+# and its numbers stay bit-identical whatever else the machine runs (threads=auto follows the load).
+os.environ.setdefault("ADVCLI_THREADS", "1")
+torch.set_num_threads(int(os.environ["ADVCLI_THREADS"]))
 
 
 @pytest.fixture
