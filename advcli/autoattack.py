@@ -2,9 +2,9 @@
 parameter-free attacks") and its parts, run by the authors' own code: the ``pyautoattack`` package.
 
 - `autoattack`: the whole ensemble (standard: APGD-CE, APGD-T, FAB-T, Square), as the leaderboards run it.
-- `apgd`, `apgd_targeted`, `square`: its attacks one at a time, through the reference classes, so an
-  evaluation can spend its budget where it is needed (``evaluation=default``: a cascade in which each runs
-  only on what the ones before it left standing; `advcli.evaluate`).
+- `apgd`, `apgd_targeted`, `fab_targeted`, `square`: its attacks one at a time, through the reference classes,
+  so an evaluation can run them as a cascade after cheaper attacks (``evaluation=default``: each runs only on
+  what the ones before it left standing, at AutoAttack's own budget; `advcli.outcomes`).
 
 Each follows advcli's signature, ``attack(model, x, y, eps, ...) -> x_adv`` with pixels in [0, 1], and is an
 evaluation attack: call it with the model in eval mode. Each seeds its own generator from ``seed`` and leaves
@@ -54,11 +54,19 @@ def square_l2_fits(h: int, w: int) -> bool:
     return offset + (h // s) * s <= h and offset + (w // s) * s <= w
 
 
+def autoattack_restarts_refused(restarts: int) -> str:
+    return (f"restarts={restarts} cannot reach AutoAttack: each of its versions fixes its attacks' restarts (standard: "
+            "one per attack and target class), so the run would be recorded with restarts it never had. Use "
+            "restarts=1 with attack=autoattack / evaluation=autoattack, or the default evaluation, whose APGD-CE, "
+            "APGD-T, FAB-T and Square each take restarts=N.")
+
+
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
-               version: str = "standard", seed: int = 0, attacks: Sequence[str] | None = None) -> torch.Tensor:
+               version: str = "standard", seed: int = 0, attacks: Sequence[str] | None = None,
+               restarts: int = 1) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
     diverse parameter-free attacks"), run by the authors' code (the ``pyautoattack`` package).
 
@@ -73,6 +81,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
             "rand"). seed: AutoAttack's seed; the caller's random generator state is restored after.
         attacks: a part of the version's attacks, with its settings (e.g. ``["apgd-ce", "apgd-t"]``, the
             figure papers quote as "AutoAttack (APGD-CE + APGD-T)"); None: all of them.
+        restarts: must be 1: each version fixes its attacks' restarts (accepted so that a run's ``restarts``
+            setting is checked against it rather than silently ignored).
 
     Returns:
         x_adv: (B, C, H, W), detached, in [0, 1]; rows AutoAttack could not break are x itself.
@@ -81,6 +91,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
         >>> x_adv = autoattack(model.eval(), x, y, eps=8/255)
     """
     AutoAttack = require_autoattack()
+    if restarts != 1:
+        raise ConfigError(autoattack_restarts_refused(restarts))
     if norm not in AUTOATTACK_NORMS:
         raise ValueError(f"AutoAttack's norm must be one of {sorted(AUTOATTACK_NORMS)}, got {norm!r}")
     if eps < 0:
@@ -217,6 +229,31 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     ranks = range(2, min(targets, num_classes - 1) + 2)
     with _reference_run(model, x, seed):
         return until_broken(x.detach(), y, (towards(rank) for rank in ranks for _ in range(restarts)))
+
+
+def fab_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+                 targets: int = 9, steps: int = 100, restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """FAB-T (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary
+    attack"): steps towards the linearised decision boundary with each of the ``targets`` classes the model
+    ranks highest after the true one, in turn, each only on what earlier targets left standing; the reference
+    ``FABAttack_PT`` with AutoAttack's settings (its third attack). A point it finds beyond eps is discarded.
+
+    Returns:
+        (B, C, H, W), detached, inside the eps-ball of x and [0, 1]: adversarial where the attack succeeded,
+        x itself elsewhere. Other arguments as `apgd_targeted`.
+    """
+    require_autoattack()
+    from pyautoattack.fab_pt import FABAttack_PT
+
+    reference_norm = _check(norm, eps)
+    if eps == 0 or len(y) == 0:
+        return x.detach()
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    attack = FABAttack_PT(model, norm=reference_norm, n_restarts=restarts, n_iter=steps, eps=eps, seed=seed,
+                          targeted=True, n_target_classes=min(targets, num_classes - 1), device=x.device)
+    with _reference_run(model, x, seed):
+        return attack.perturb(x.detach().float(), y).detach()
 
 
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",

@@ -147,7 +147,7 @@ def check_attack(where: str, attack_cfg: Any) -> None:
 
 
 # AutoAttack's attacks one at a time (advcli.autoattack): evaluation attacks, not adaptive to an adv_class flag
-REFERENCE_ATTACKS = ("apgd", "apgd_targeted", "square")
+REFERENCE_ATTACKS = ("apgd", "apgd_targeted", "fab_targeted", "square")
 
 
 def autoattack_parts() -> tuple[str, ...]:
@@ -180,14 +180,42 @@ def check_attack_fits(where: str, attack_cfg: Any, *, norm: str, num_classes: in
         raise ConfigError(
             f"{where}.loss=dlr needs at least 3 classes (it divides the margin by the gap between the first and "
             f"third largest logits), but this model has {num_classes}. Use {where}.loss=margin or ce.")
+    if kind == "autoattack" and int(attack_cfg.get("restarts", 1)) != 1:
+        from advcli.autoattack import autoattack_restarts_refused
+
+        raise ConfigError(autoattack_restarts_refused(int(attack_cfg.restarts)))
     parts = attack_cfg.get("attacks") if kind == "autoattack" else None
     if parts is not None and (not parts or set(parts) - set(autoattack_parts())):
         raise ConfigError(f"{where}.attacks={list(parts)}: AutoAttack's attacks are {', '.join(autoattack_parts())}; "
                           f"pick some of them (e.g. {where}.attacks=[apgd-ce,apgd-t]) or null for the whole version.")
-    if kind in ("autoattack", "apgd_targeted") and num_classes < 4:
+    if kind in ("autoattack", "apgd_targeted", "fab_targeted") and num_classes < 4:
         raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
                           f"evaluate it with evaluation=fast (PGD on the cross-entropy and a margin loss), or leave "
                           f"{where} out.")
+
+
+# evaluation settings of earlier versions, which made the number depend on guesses (README "Evaluating a checkpoint")
+RETIRED_EVALUATION_KEYS = {
+    "focus": "Square took the survivors closest to the boundary a share at a time and stopped at the first share "
+             "that broke nothing, a guess that can miss what it could break",
+    "escalate": "stronger settings were used only for batches where gradients looked misleading, a per-batch guess",
+}
+
+
+def check_evaluation_config(evaluation_cfg: Any) -> None:
+    """Refuse settings that would not reach an attack: retired keys, and one name used twice."""
+    for key, why in RETIRED_EVALUATION_KEYS.items():
+        if evaluation_cfg.get(key):
+            raise ConfigError(
+                f"evaluation.{key} is no longer a setting ({why}); every attack of the default evaluation now runs "
+                f"on every example the attacks before it left standing, at its full budget. Remove evaluation.{key}; "
+                "for a cheaper evaluation lower an attack's budget (e.g. evaluation.attacks.square.queries=1000), "
+                "which the results then show, or use evaluation=fast.")
+    alone, chained = set(evaluation_cfg.get("standalone_attacks") or {}), set(evaluation_cfg.get("attacks") or {})
+    if alone & chained:
+        name = sorted(alone & chained)[0]
+        raise ConfigError(f"evaluation.standalone_attacks.{name} and evaluation.attacks.{name}: one name for two "
+                          "attacks would make one row hide the other. Rename one of them.")
 
 
 def check_evaluation_attacks(attack_cfgs: Mapping[str, Any], *, norm: str, num_classes: int,
@@ -377,12 +405,13 @@ def check_training(cfg: Any) -> None:
 
 # Settings of the process, not of the experiment: they change neither what is trained nor how it is judged.
 NOT_IN_FINGERPRINT = ("device", "threads", "channels_last", "compile", "resume", "keep_epochs", "output_dir", "progress",
-                      "log_every", "debug", "data.root", "data.download", "evaluation.batch_size", "robustbench_dir",
+                      "log_every", "debug", "data.root", "data.download", "robustbench_dir",
                       "logger", "log_batches")  # the trackers a run logs to never block resuming it
 # Settings a resumed run may change: more (or fewer) epochs stretch what is left of the learning-rate schedule;
 # the final evaluation's attacks, size and sanity probes apply to the evaluation that ends the run (its precision
 # and seed also drive the per-epoch held-out check, so they stay).
 MAY_CHANGE_ON_RESUME = ("epochs", "evaluation.name", "evaluation.attacks", "evaluation.adaptive_attacks",
+                        "evaluation.standalone_attacks", "evaluation.batch_size",
                         "evaluation.cascade", "evaluation.focus", "evaluation.escalate", "evaluation.num_examples",
                         "evaluation.sanity")
 

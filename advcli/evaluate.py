@@ -27,7 +27,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from advcli import autoattack, checkpoint, config, data, distributed, leaderboar
 from advcli import tracking
 from advcli.attacks import Attack
 from advcli.errors import ConfigError
-from advcli.outcomes import Escalation, Outcomes, attack_outcomes, cascade_outcomes
+from advcli.outcomes import Outcomes, attack_outcomes, cascade_outcomes
 
 SPLITS = ("train", "test")
 
@@ -48,30 +48,39 @@ log = logging.getLogger(__name__)
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], attacks: Mapping[str, Attack], *,
              eps: float, amp_dtype: torch.dtype | None = None, gather: bool = False,
-             adversarial_class: bool = False, cascade: bool = False, focus: Mapping[str, float] | None = None,
-             escalate: Escalation | None = None) -> dict[str, dict[str, float]]:
+             adversarial_class: bool = False, cascade: bool = False) -> dict[str, dict[str, float]]:
     """Accuracy and loss of ``model`` under each attack (pixels in [0, 1], eps in pixel units).
 
     Returns ``{name: {"acc", "loss"}, ..., "any_attack": {"acc"}}`` with fractions in [0, 1];
     an example misclassified without attack counts as broken by every attack. The model is left in the
     train/eval mode it came in, with its weights untouched. ``gather``: under torchrun each rank
     passed its own share of the examples; the results are over all of them. ``adversarial_class``: see
-    `Outcomes.summary`. ``cascade``, ``focus``, ``escalate``: run the attacks as a cascade
-    (`outcomes.cascade_outcomes`).
+    `Outcomes.summary`. ``cascade``: run the attacks as a cascade (`outcomes.cascade_outcomes`).
     """
-    found = outcomes_of(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, adversarial_class=adversarial_class,
-                        cascade=cascade, focus=focus, escalate=escalate)
+    if cascade:
+        found = cascade_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype)
+    else:
+        found = attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, adversarial_class=adversarial_class)
     return (found.gathered() if gather else found).summary()
 
 
-def outcomes_of(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], attacks: Mapping[str, Attack], *,
-                eps: float, amp_dtype: torch.dtype | None = None, adversarial_class: bool = False,
-                cascade: bool = False, focus: Mapping[str, float] | None = None,
-                escalate: Escalation | None = None) -> Outcomes:
-    """Per-example outcomes: `cascade_outcomes` or `attack_outcomes`."""
-    if cascade:
-        return cascade_outcomes(model, batches, attacks, eps=eps, focus=focus, escalate=escalate, amp_dtype=amp_dtype)
-    return attack_outcomes(model, batches, attacks, eps=eps, amp_dtype=amp_dtype, adversarial_class=adversarial_class)
+def outcomes_of(model: nn.Module, make_batches: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                attacks: Mapping[str, Attack], eps: float, settings: EvalSettings) -> Outcomes:
+    """Per-example outcomes at ``eps``: every attack alone (`attack_outcomes`), or, for a cascade, the attacks
+    named in ``settings.alone`` alone on every example, then the others as a cascade on what they left standing.
+    ``make_batches(part)``: a fresh pass over the examples (with a progress bar named for the part)."""
+    kwargs = dict(eps=eps, amp_dtype=settings.amp_dtype)
+    if not settings.cascade:
+        return attack_outcomes(model, make_batches("attacks"), attacks, adversarial_class=settings.adversarial_class,
+                               **kwargs)
+    alone = {name: attack for name, attack in attacks.items() if name in settings.alone}
+    chain = {name: attack for name, attack in attacks.items() if name not in settings.alone}
+    if not alone:
+        return cascade_outcomes(model, make_batches("cascade"), chain, **kwargs)
+    first = attack_outcomes(model, make_batches("each attack alone"), alone, **kwargs)
+    if not chain:
+        return first
+    return first.then(cascade_outcomes(model, make_batches("cascade"), chain, standing=first.standing(), **kwargs))
 
 
 def evaluation_attacks(attack_cfgs: Mapping[str, Any]) -> tuple[dict[str, Attack], dict[str, dict[str, Any]]]:
@@ -108,23 +117,25 @@ class EvalSettings:
     progress: bool = False
     desc: str = "test"
     preset: str = "custom"                     # the evaluation preset's name (fast, default, autoattack)
-    cascade: bool = False                      # each attack only on what the ones before it left standing
-    focus: Mapping[str, float] | None = None   # attack name -> share of survivors taken at a time (cascade)
-    escalate: Mapping[str, Any] | None = None  # {"when", "attacks": {name: stronger settings}} (`escalation`)
-    stronger: Mapping[str, Any] | None = None  # sanity: {"attacks", "focus"}, the attack_converged probe (a cascade)
+    cascade: bool = False                      # each attack only on what the ones before it left standing...
+    alone: tuple[str, ...] = ()                # ...except these, each alone on every example, before the cascade
+    stronger: Mapping[str, Any] | None = None  # sanity: {"attacks", "num_examples"}, the attack_converged probe
 
 
 def eval_settings(evaluation_cfg: Any, s: config.RunSettings, *, amp_dtype: torch.dtype | None, channels_last: bool,
-                  adversarial_class: bool, progress: bool, desc: str = "test") -> EvalSettings:
-    """`EvalSettings` from the ``evaluation`` config group and the run's checked settings."""
+                  adversarial_class: bool, progress: bool, desc: str = "test", extra_alone: tuple[str, ...] = ()
+                  ) -> EvalSettings:
+    """`EvalSettings` from the ``evaluation`` config group and the run's checked settings; ``extra_alone``: attacks
+    added on the command line (``attack=NAME``), which run alone on every example."""
     sanity_cfg = evaluation_cfg.get("sanity")
     stronger = sanity_cfg.get("stronger") if sanity_cfg is not None else None
-    return EvalSettings(s.eps_values, s.norm, s.eval_batch_size, channels_last, amp_dtype, int(evaluation_cfg.seed),
-                        config.plain(sanity_cfg) if sanity_cfg is not None else None, adversarial_class, progress, desc,
+    return EvalSettings(eps_values=s.eps_values, norm=s.norm, batch_size=s.eval_batch_size, channels_last=channels_last,
+                        amp_dtype=amp_dtype, seed=int(evaluation_cfg.seed),
+                        sanity=config.plain(sanity_cfg) if sanity_cfg is not None else None,
+                        adversarial_class=adversarial_class, progress=progress, desc=desc,
                         preset=str(evaluation_cfg.get("name") or "custom"),
                         cascade=bool(evaluation_cfg.get("cascade", False)),
-                        focus=config.plain(evaluation_cfg.get("focus") or {}),
-                        escalate=config.plain(evaluation_cfg.get("escalate") or {}),
+                        alone=(*(evaluation_cfg.get("standalone_attacks") or {}), *extra_alone),
                         stronger=config.plain(stronger) if stronger is not None else None)
 
 
@@ -152,25 +163,26 @@ def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping
     ``sanity`` None).
     """
     attacks, described = evaluation_attacks(attack_cfgs)
-    stronger = escalation(attack_cfgs, settings.escalate)
+    for name in described:
+        if settings.cascade and name not in settings.alone:
+            described[name]["in_cascade"] = True  # its row is the accuracy after the attacks above it, not its own
     outcomes: dict[float, Outcomes] = {}
     curve = []
     with runtime.seeded(settings.seed + ranks.rank, images.images.device):
         mine = images.subset(data.share(len(images), ranks.shard))
         for eps, text in settings.eps_values:
             label = f"{settings.desc} eps={text}" if len(settings.eps_values) > 1 else settings.desc
-            batches = tqdm(data.batches(mine, settings.batch_size, channels_last=settings.channels_last), desc=label,
-                           total=data.num_batches(len(mine), settings.batch_size), leave=False,
-                           disable=not settings.progress, dynamic_ncols=True)
-            found = outcomes_of(model, batches, attacks, eps=eps, amp_dtype=settings.amp_dtype,
-                                adversarial_class=settings.adversarial_class, cascade=settings.cascade,
-                                focus=settings.focus, escalate=stronger)
+
+            def make_batches(part: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+                return tqdm(data.batches(mine, settings.batch_size, channels_last=settings.channels_last),
+                            desc=f"{label}: {part}", total=data.num_batches(len(mine), settings.batch_size),
+                            leave=False, disable=not settings.progress, dynamic_ncols=True)
+
+            found = outcomes_of(model, make_batches, attacks, eps, settings)
             outcomes[eps] = found.gathered() if ranks.enabled else found
             results = outcomes[eps].summary()
             for name in described:
                 results[name].update(described[name])
-                if results[name].get("escalated"):  # what those examples were attacked with
-                    results[name]["escalated_settings"] = dict(settings.escalate["attacks"][name])
             curve.append({"eps": eps, "eps_text": text, "eps_255": eps * 255, "test": results})
         started, report_ = time.perf_counter(), None
         if ranks.is_main and settings.sanity is not None and settings.sanity.get("enabled", True):
@@ -196,7 +208,7 @@ def sanity_report(model: nn.Module, images: data.ImageSet, outcomes: Mapping[flo
         return found.correct["probe"]
 
     first = {eps: found.head(n) for eps, found in outcomes.items()}
-    stronger = _stronger_probe(model, probe_set, settings) if settings.stronger else None
+    stronger = _stronger_probe(model, probe_set, first, settings) if settings.stronger else None
     with runtime.eval_mode(model):
         return sanity.run_checks(
             model, x, y, norm=settings.norm, results=results, num_evaluated=len(images),
@@ -222,13 +234,17 @@ def _probe_fits(attack_cfg: Mapping[str, Any], settings: EvalSettings, num_class
     return True
 
 
-def _stronger_probe(model: nn.Module, probe_set: data.ImageSet, settings: EvalSettings) -> sanity.StrongerProbe | None:
-    """The sanity report's attack_converged probe from ``evaluation.sanity.stronger``: its attacks as a cascade
-    on the first ``stronger.num_examples`` probe examples (all when unset), as ``(label, eps -> still correct
-    after all of them)``."""
+def _stronger_probe(model: nn.Module, probe_set: data.ImageSet, evaluated: Mapping[float, Outcomes],
+                    settings: EvalSettings) -> sanity.StrongerProbe | None:
+    """The sanity report's attack_converged probe from ``evaluation.sanity.stronger``: its attacks as a cascade,
+    drawing from seed ``evaluation.seed + 1``, on the first ``stronger.num_examples`` probe examples (all when
+    unset) that the evaluation left standing (``evaluated``: its outcomes by eps); ``(label, eps -> still correct
+    after the evaluation and all of them)``."""
     with torch.no_grad(), runtime.eval_mode(model):
         num_classes = model(probe_set.subset(slice(0, 1)).images.float() / 255).shape[1]
-    fitting = {name: cfg for name, cfg in settings.stronger["attacks"].items()
+    seed = settings.seed + 1  # other random draws than the evaluation's
+    fitting = {name: {**cfg, **({"seed": seed} if "seed" in cfg else {})}
+               for name, cfg in settings.stronger["attacks"].items()
                if _probe_fits(cfg, settings, num_classes, probe_set.images.shape[-2:])}
     if not fitting:
         return None  # sanity falls back to its "more steps" probe
@@ -238,34 +254,18 @@ def _stronger_probe(model: nn.Module, probe_set: data.ImageSet, settings: EvalSe
         probe_set = probe_set.subset(slice(0, min(count, len(probe_set))))
 
     def correct_after(eps: float) -> torch.Tensor:
+        standing = evaluated[eps].standing()[:len(probe_set)]  # what the evaluation broke needs no second try
         found = cascade_outcomes(model, data.batches(probe_set, settings.batch_size, channels_last=settings.channels_last),
-                                 attacks, eps=eps, focus=settings.stronger.get("focus"), amp_dtype=settings.amp_dtype)
+                                 attacks, eps=eps, standing=standing, amp_dtype=settings.amp_dtype)
         return found.correct[list(attacks)[-1]]
 
-    return sanity.StrongerProbe(" + ".join(attacks), correct_after)
-
-
-def escalation(attack_cfgs: Mapping[str, Any], escalate: Mapping[str, Any] | None) -> Escalation | None:
-    """``evaluation.escalate`` as an `Escalation`: each named evaluation attack with its stronger settings."""
-    if not escalate or not escalate.get("attacks"):
-        return None
-    stronger = {}
-    for name, settings in escalate["attacks"].items():
-        if name not in attack_cfgs:
-            raise ConfigError(f"evaluation.escalate.attacks.{name}: the evaluation has no attack named {name} (it "
-                              f"has {', '.join(attack_cfgs)}); escalate one of those, or remove the entry.")
-        stronger[name] = {**config.plain(attack_cfgs[name]), **settings}
-    when = float(escalate.get("when", 0.05))
-    if not 0 <= when < 1:
-        raise ConfigError(f"evaluation.escalate.when={when} must lie in [0, 1): the share of what the first attack "
-                          "left standing that the later ones must break before the stronger settings are used.")
-    return Escalation(when, evaluation_attacks(stronger)[0])
+    return sanity.StrongerProbe(f"{' + '.join(attacks)} (seed {seed})", correct_after)
 
 
 def evaluation_attack_configs(evaluation_cfg: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """``evaluation.attacks``, plus ``evaluation.adaptive_attacks`` for a model (``spec``) with an
-    "adversarial input" output: attacks that must also avoid the flag."""
-    attack_cfgs = dict(evaluation_cfg.attacks)
+    """``evaluation.standalone_attacks`` and ``evaluation.attacks``, plus ``evaluation.adaptive_attacks`` for a
+    model (``spec``) with an "adversarial input" output: attacks that must also avoid the flag."""
+    attack_cfgs = {**(evaluation_cfg.get("standalone_attacks") or {}), **evaluation_cfg.attacks}
     if spec.get("adversarial_class"):
         attack_cfgs.update(evaluation_cfg.get("adaptive_attacks") or {})
     return attack_cfgs
@@ -308,7 +308,10 @@ def check_eval_settings(cfg: DictConfig) -> CheckpointEvaluation:
     """Load the model (`sources.eval_payload`: ckpt, weights or robustbench), fill unset eps/norm/restarts from its
     training run, check every value (each eps once)."""
     tracking.check(cfg)  # the loggers and their libraries, before any work
+    config.check_evaluation_config(cfg.evaluation)
     payload, where = sources.eval_payload(cfg)
+    if payload["model_spec"].get("adversarial_class"):
+        evaluate_flagging_model_as_trained(cfg, where)
     config.fill_from_training_run(cfg, payload["config"], ("eps", "norm", "restarts"))
     sources.check_eps_known(cfg, where)
     spec = payload["model_spec"]
@@ -316,12 +319,25 @@ def check_eval_settings(cfg: DictConfig) -> CheckpointEvaluation:
     attack_cfgs = eval_attack_configs(cfg, spec)
     config.check_evaluation_attacks(attack_cfgs, norm=s.norm, num_classes=checkpoint.num_outputs(spec),
                                     adversarial_class=bool(spec.get("adversarial_class")))
-    escalation(attack_cfgs, config.plain(cfg.evaluation.get("escalate") or {}))
     split = config.require_choice("split", cfg.split, SPLITS)
     if cfg.model_info.path is not None:
+        cascaded = set(cfg.evaluation.attacks) if cfg.evaluation.get("cascade") else set()
         leaderboard.check_protocol(attack_cfgs, num_examples=s.num_test, split=split, eps_values=s.eps_values,
-                                   amp=cfg.evaluation.amp)
+                                   amp=cfg.evaluation.amp, cascaded=cascaded)
     return CheckpointEvaluation(cfg, payload, s, attack_cfgs, split, where)
+
+
+def evaluate_flagging_model_as_trained(cfg: DictConfig, where: str) -> None:
+    """A model with an adversarial-input output (trainer=adv_class) gets the evaluation advcli train gives it,
+    ``fast`` with its adaptive attacks, in place of the default, whose reference attacks are not adaptive to
+    the flag; the settings every preset shares (num_examples, batch_size, seed, amp) are carried over."""
+    if cfg.evaluation.get("name") != "default" or cfg.get("adv_class_evaluation") is None:
+        return
+    shared = {key: cfg.evaluation[key] for key in ("num_examples", "batch_size", "seed", "amp")}
+    cfg.evaluation = cfg.adv_class_evaluation
+    cfg.evaluation.update(shared)
+    log.info("%s has an adversarial-input output (trainer=adv_class): evaluating it with evaluation=fast and its "
+             "adaptive attacks, as advcli train does", where)
 
 
 def load_examples(job: CheckpointEvaluation, device: torch.device) -> tuple[str, data.ImageSet]:
@@ -357,9 +373,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         if cfg.save_checkpoint is not None and ranks.is_main:
             sources.save_imported(job.payload, cfg.save_checkpoint)
         amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)
+        added = (config.choice_name(cfg.attack, "attack"),) if cfg.get("attack") is not None else ()
         settings = eval_settings(cfg.evaluation, job.settings, amp_dtype=amp_dtype, channels_last=channels_last,
                                  adversarial_class=bool(job.spec.get("adversarial_class")),
-                                 progress=cfg.progress and ranks.is_main, desc=job.split)
+                                 progress=cfg.progress and ranks.is_main, desc=job.split, extra_alone=added)
         found = evaluate_model(model, images, job.attack_cfgs, settings, ranks)
         metrics = {
             "command": "eval", "checkpoint": job.where, **sources.described(job.payload), "dataset": dataset,

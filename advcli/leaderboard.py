@@ -19,9 +19,10 @@ FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes",
 
 
 def check_protocol(attack_cfgs: Mapping[str, Any], *, num_examples: int | None, split: str, eps_values,
-                   amp: str) -> None:
+                   amp: str, cascaded: set[str] = frozenset()) -> None:
     """Refuse (one paragraph) to write a leaderboard entry from anything but standard AutoAttack, once, in full
-    precision, on the whole test set at one eps."""
+    precision, on the whole test set at one eps, on every example (``cascaded``: the attacks that run only on
+    what others left standing)."""
     problems = []
     kinds = {name: config.attack_kind(cfg) for name, cfg in attack_cfgs.items()}
     aa = [name for name, kind in kinds.items() if kind == "autoattack"]
@@ -33,6 +34,9 @@ def check_protocol(attack_cfgs: Mapping[str, Any], *, num_examples: int | None, 
         if settings.get("version", "standard") != "standard" or settings.get("attacks") is not None:
             problems.append(f"AutoAttack runs version={settings.get('version')} attacks={settings.get('attacks')}, not "
                             "the standard version with all of its attacks")
+        if aa[0] in cascaded:
+            problems.append(f"{aa[0]} runs in a cascade, only on what the attacks before it left standing, so its "
+                            "row is not AutoAttack's own number")
     if num_examples is not None:
         problems.append(f"evaluation.num_examples={num_examples} takes a subset of the test set (set it to null)")
     if split != "test":

@@ -5,22 +5,17 @@ Two ways to spend the attacks' work, both on the examples the model classifies c
 
 - `attack_outcomes` (``evaluation=fast``): every attack runs on all of them, so each row of the table is that
   attack's own robust accuracy and the "any attack" row is their per-example AND.
-- `cascade_outcomes` (``evaluation=default``): each attack runs only on what the attacks before it left
-  standing, so each row is the accuracy *after* that attack and the last row is the evaluation's number, as
-  in AutoAttack. An attack with a ``focus`` spends its work where it is most likely to pay: on the survivors
-  that came closest to being broken (smallest logit margin at the worst point found so far), a share at a
-  time, and moves on to the next share only while the last one broke something. An `Escalation` gives some
-  attacks stronger settings for the batches whose gradients mislead: where the attacks after the first broke
-  more than a set share of what the first one left standing (a good gradient attack leaves little for the
-  next one; on a model that masks its gradients APGD breaks many examples PGD could not).
+- `cascade_outcomes` (``evaluation=default``): each attack runs on every example the attacks before it left
+  standing, at its full budget, so each row is the accuracy *after* that attack and the last row is the
+  evaluation's number, as in AutoAttack. No example is skipped on a guess, so which examples an attack runs
+  on never depends on the batch (their random starts do: the batch size is one of the evaluation's settings).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +56,6 @@ class Outcomes:
     false_flags: torch.Tensor | None = None
     attacked: dict[str, int] = field(default_factory=dict)  # name -> examples the attack ran on
     cascade: bool = False
-    escalated: dict[str, int] = field(default_factory=dict)  # name -> of those, at its escalated strength
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{name: {"acc", "n", "ci95", "loss", "attacked"}, ..., "any_attack": {"acc", "n", "ci95"}}``, fractions
@@ -77,14 +71,10 @@ class Outcomes:
         if n == 0:
             raise ConfigError("There were no examples to evaluate; check evaluation.num_examples and the split.")
         results = {name: with_interval({"loss": self.loss[name].sum().item() / n,
-                                        "attacked": self.attacked.get(name, 0),
-                                        **({"escalated": self.escalated[name]} if name in self.escalated else {})},
+                                        "attacked": self.attacked.get(name, 0)},
                                        int(self.correct[name].sum()), n)
                    for name in self.correct}
-        unbroken = self.clean.clone()
-        for hits in self.correct.values():
-            unbroken &= hits
-        results["any_attack"] = with_interval({}, int(unbroken.sum()), n)
+        results["any_attack"] = with_interval({}, int(self.standing().sum()), n)
         if self.flagged:
             self._add_rejection(results, n)
         return results
@@ -106,19 +96,30 @@ class Outcomes:
         return Outcomes(self.clean[:n], {k: v[:n] for k, v in self.correct.items()},
                         {k: v[:n] for k, v in self.loss.items()}, dict(self.time_s),
                         {k: v[:n] for k, v in self.flagged.items()},
-                        None if self.false_flags is None else self.false_flags[:n], dict(self.attacked), self.cascade,
-                        dict(self.escalated))
+                        None if self.false_flags is None else self.false_flags[:n], dict(self.attacked), self.cascade)
+
+    def standing(self) -> torch.Tensor:
+        """Which examples are correct without attack and under every attack, bool (N,)."""
+        unbroken = self.clean.clone()
+        for hits in self.correct.values():
+            unbroken &= hits
+        return unbroken
+
+    def then(self, cascade: Outcomes) -> Outcomes:
+        """These outcomes (attacks run alone) followed by a cascade run on what they left standing, as one."""
+        return Outcomes(self.clean, {**self.correct, **cascade.correct}, {**self.loss, **cascade.loss},
+                        {**self.time_s, **cascade.time_s}, dict(self.flagged), self.false_flags,
+                        {**self.attacked, **cascade.attacked}, cascade=True)
 
     def gathered(self) -> Outcomes:
         """Under torchrun: every rank's outcomes (each rank evaluated a contiguous share), in order."""
-        names, escalated = list(self.attacked), list(self.escalated)
-        counts = distributed.total_counts(*(self.attacked[k] for k in names), *(self.escalated[k] for k in escalated),
-                                          device=self.clean.device)
+        names = list(self.attacked)
+        counts = distributed.total_counts(*(self.attacked[k] for k in names), device=self.clean.device)
         return Outcomes(distributed.gather(self.clean), {k: distributed.gather(v) for k, v in self.correct.items()},
                         {k: distributed.gather(v) for k, v in self.loss.items()}, dict(self.time_s),
                         {k: distributed.gather(v) for k, v in self.flagged.items()},
                         None if self.false_flags is None else distributed.gather(self.false_flags),
-                        dict(zip(names, counts)), self.cascade, dict(zip(escalated, counts[len(names):])))
+                        dict(zip(names, counts)), self.cascade)
 @dataclass
 class _Parts:
     """One pass's per-batch pieces, concatenated into `Outcomes` at the end."""
@@ -130,7 +131,6 @@ class _Parts:
     false_flags: list[torch.Tensor] = field(default_factory=list)
     time_s: dict[str, float] = field(default_factory=dict)
     attacked: dict[str, int] = field(default_factory=dict)
-    escalated: dict[str, int] = field(default_factory=dict)
 
     def outcomes(self, device: torch.device, adversarial_class: bool, cascade: bool = False) -> Outcomes:
         def cat(pieces: list[torch.Tensor], dtype=torch.bool) -> torch.Tensor:
@@ -140,7 +140,7 @@ class _Parts:
                         loss={k: cat(v, torch.float32) for k, v in self.loss.items()}, time_s=self.time_s,
                         flagged={k: cat(v) for k, v in self.flagged.items()} if adversarial_class else {},
                         false_flags=cat(self.false_flags) if adversarial_class else None,
-                        attacked=self.attacked, cascade=cascade, escalated=self.escalated)
+                        attacked=self.attacked, cascade=cascade)
 
 
 def _attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, eps: float,
@@ -205,108 +205,34 @@ def margin_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
 
 
-def focus_shares(margin: torch.Tensor, share: float | None) -> list[torch.Tensor]:
-    """Positions ``0..len(margin)-1`` in the order an attack with focus ``share`` takes them: smallest margin
-    first, in chunks of ``ceil(share * len)`` (one chunk of everything without a focus)."""
-    if share is None or share >= 1:
-        return [torch.arange(len(margin), device=margin.device)]
-    order = margin.argsort()
-    return list(order.split(max(1, math.ceil(share * len(order)))))
-
-
-@dataclass
-class _Standing:
-    """The examples of one batch no attack has broken yet, with the worst point found for each so far."""
-
-    index: torch.Tensor      # positions in the batch, int64 (m,)
-    logits: torch.Tensor     # logits at the worst point found so far, float (m, K)
-    margin: torch.Tensor     # margin_of(logits), float (m,)
-
-
-def _still_standing(index: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> _Standing:
-    """The rows of ``index`` whose worst point found so far (``logits``) is still correctly classified."""
-    alive = logits.argmax(dim=1) == y[index]
-    return _Standing(index[alive], logits[alive], margin_of(logits[alive], y[index[alive]]))
-
-
-def _run_focused(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, eps: float, share: float | None,
-                 standing: _Standing, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, int, float]:
-    """One attack of a cascade on the standing examples, a focus share at a time while shares still break
-    something: the standing examples' logits at the worst point found now, how many it ran on, its seconds."""
-    attacked, seconds, logits = 0, 0.0, standing.logits.clone()
-    for chunk in focus_shares(standing.margin, share):
-        rows = standing.index[chunk]
-        found, took = _attack_batch(model, attacks_module.take(x, rows), y[rows], attack, eps, amp_dtype)
-        attacked, seconds = attacked + len(rows), seconds + took
-        worse = margin_of(found, y[rows]) < standing.margin[chunk]
-        logits[chunk[worse]] = found[worse]
-        if share is not None and not bool((found.argmax(dim=1) != y[rows]).any()):
-            break  # this share broke nothing: the ones further from the boundary will not break either
-    return logits, attacked, seconds
-
-
-def _cascade_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, attack: Attack, eps: float,
-                  share: float | None, standing: _Standing, worst: torch.Tensor, parts: _Parts, escalated: bool,
-                  amp_dtype: torch.dtype | None) -> _Standing:
-    """Run one attack of a cascade on the standing examples, book its work in ``parts``, record the worst
-    points found in ``worst`` (the batch's logits) and return what is still standing."""
-    found, count, seconds = _run_focused(model, x, y, attack, eps, share, standing, amp_dtype)
-    parts.attacked[name] += count
-    if escalated:
-        parts.escalated[name] += count
-    parts.time_s[name] += seconds
-    worst[standing.index] = found
-    return _still_standing(standing.index, found, y)
-
-
-class Escalation(NamedTuple):
-    """Stronger settings for some attacks of a cascade, for the batches where gradients mislead."""
-
-    when: float                    # misleading: the attacks after the first broke more than this share of what it left
-    attacks: Mapping[str, Attack]  # name -> that attack at its escalated strength
-
-
-def misleading(first_left: int | None, standing: int, when: float) -> bool:
-    """Whether the attacks after the first broke more than ``when`` of the ``first_left`` examples the first
-    one left standing (``standing`` are left now)."""
-    return bool(first_left) and (first_left - standing) > when * first_left
-
-
 def cascade_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float,
-                     focus: Mapping[str, float] | None = None, escalate: Escalation | None = None,
-                     amp_dtype: torch.dtype | None = None) -> Outcomes:
-    """Attack every batch with each attack in turn, each only on what the earlier ones left correctly
-    classified (see the module's docstring); ``focus``: ``{attack name: share}`` for attacks that take the
-    survivors closest to the boundary first, a share at a time; ``escalate``: stronger settings for batches
-    whose gradients mislead. ``correct[name]``: still correct after that attack and every one before it;
-    ``loss[name]``: the cross-entropy at the worst point found up to it."""
-    focus = dict(focus or {})
+                     standing: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None) -> Outcomes:
+    """Attack every batch with each attack in turn, each on every example the earlier ones left correctly
+    classified, at its full budget (see the module's docstring). ``standing``: bool (N,) over all batches, the
+    examples still standing before the first attack (e.g. after attacks that ran alone); default: those the
+    model classifies correctly. ``correct[name]``: still correct after that attack and every one before it;
+    ``loss[name]``: the cross-entropy at the worst point found up to it (the highest-loss point kept so far)."""
     parts = _new_parts(attacks)
-    parts.escalated = dict.fromkeys(escalate.attacks if escalate is not None else (), 0)  # same keys on every rank
+    offset = 0
     with runtime.eval_mode(model):
         for x, y in batches:
             with torch.no_grad(), runtime.autocast(x.device, amp_dtype):
                 logits = model(x).float()
             clean = logits.argmax(dim=1) == y
+            alive = clean if standing is None else clean & standing[offset:offset + len(y)]
+            offset += len(y)
             parts.clean.append(clean)
-            right = clean.nonzero().squeeze(1)
-            standing = _still_standing(right, logits[right], y)
-            worst, first_left = logits.clone(), None
+            worst = logits.clone()
             for name, attack in attacks.items():
-                if not is_clean(attack) and len(standing.index):
-                    was_misleading = escalate is not None and misleading(first_left, len(standing.index), escalate.when)
-                    stronger = was_misleading and name in escalate.attacks
-                    standing = _cascade_step(model, x, y, name, escalate.attacks[name] if stronger else attack, eps,
-                                             focus.get(name), standing, worst, parts, stronger, amp_dtype)
-                    first_left = len(standing.index) if first_left is None else first_left
-                    if (not was_misleading and escalate is not None and name in escalate.attacks and len(standing.index)
-                            and misleading(first_left, len(standing.index), escalate.when)):
-                        # this attack revealed the misleading gradients: it runs again, at its escalated
-                        # strength (a fresh random start), on what it left
-                        standing = _cascade_step(model, x, y, name, escalate.attacks[name], eps, focus.get(name),
-                                                 standing, worst, parts, True, amp_dtype)
-                correct = torch.zeros_like(clean)
-                correct[standing.index] = True
-                parts.correct[name].append(correct)
+                live = alive.nonzero().squeeze(1)
+                if not is_clean(attack) and len(live):
+                    found, seconds = _attack_batch(model, attacks_module.take(x, live), y[live], attack, eps, amp_dtype)
+                    parts.attacked[name] += len(live)
+                    parts.time_s[name] += seconds
+                    worse = margin_of(found, y[live]) < margin_of(worst[live], y[live])
+                    worst[live[worse]] = found[worse]
+                    alive = alive.clone()
+                    alive[live] = found.argmax(dim=1) == y[live]
+                parts.correct[name].append(alive.clone())
                 parts.loss[name].append(F.cross_entropy(worst, y, reduction="none"))
     return parts.outcomes(next(model.parameters()).device, adversarial_class=False, cascade=True)

@@ -84,10 +84,15 @@ def results_table(results: Mapping[str, Mapping[str, Any]], *, eps: float, norm:
     header = (f"{'attack':<12} {'eps':<16} {'norm':<5} {'steps':>5} {'restarts':>8} {'accuracy':>9} {'95% CI':>14} "
               f"{'loss':>8}{extra}" + (f" {'attacked':>8}" if cascade else ""))
     lines = [header, "-" * len(header)]
+    alone_above = False
     for name, row in results.items():
         if name == "any_attack":
             continue
         is_clean = row.get("attack") == "none"
+        if alone_above and row.get("in_cascade"):
+            lines.append(f"{'':<12} then a cascade on what those left standing, each attack on what the ones above "
+                         "it left (accuracy after it):")
+        alone_above = not is_clean and not row.get("in_cascade")
         steps = "-" if is_clean else str(row.get("steps", row.get("queries", "-")))  # Square: one query a step
         restarts = "-" if is_clean else str(row.get("restarts", "-"))
         label = "0" if is_clean else format_eps(eps)
@@ -124,8 +129,9 @@ def results_table(results: Mapping[str, Mapping[str, Any]], *, eps: float, norm:
 EVALUATION_NOTES = {
     "fast": "fast evaluation (evaluation=fast): gradient attacks only, each row that attack's own accuracy; it can "
             "overstate robustness where gradients mislead: quote evaluation=default",
-    "default": "default evaluation: a cascade, each attack only on what those above it left standing; each row is "
-               "the accuracy after that attack and those above it",
+    "default": "default evaluation: FGSM and PGD alone (each row that attack's own accuracy), then standard "
+               "AutoAttack's attacks at its budgets as a cascade after a cheap margin PGD (each row the accuracy after "
+               "that attack and those above it); the last row is the number to quote",
     "autoattack": "standard AutoAttack (evaluation=autoattack), run by the reference code",
 }
 

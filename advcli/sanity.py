@@ -117,8 +117,10 @@ class Evidence:
         return allowed(self.tolerance, self.num_evaluated)
 
     def of_kind(self, *kinds: str) -> list[str]:
-        """The evaluation attacks of these kinds (``pgd``, ``fgsm``, ``autoattack``), in evaluation order."""
-        return [name for name, row in self.described.items() if row.get("attack") in kinds]
+        """The evaluation attacks of these kinds (``pgd``, ``fgsm``, ``autoattack``) whose rows are their own
+        accuracy (not a cascade's running one), in evaluation order."""
+        return [name for name, row in self.described.items()
+                if row.get("attack") in kinds and not row.get("in_cascade")]
 
     def acc(self, eps: float, name: str) -> float:
         """The evaluation's accuracy of attack ``name`` at ``eps``, over every evaluated example."""
@@ -207,7 +209,7 @@ def allowed(tolerance: float, n: int) -> float:
 def base_attack(described: Mapping[str, Mapping[str, Any]], acc_at: Mapping[str, float]) -> tuple[str, dict[str, Any]]:
     """The strongest evaluation PGD (lowest accuracy at the largest eps) and its settings as `pgd` keywords.
     Without one, a 20-step margin-loss PGD."""
-    candidates = [name for name, row in described.items() if row.get("attack") == "pgd"]
+    candidates = [name for name, row in described.items() if row.get("attack") == "pgd" and not row.get("in_cascade")]
     if not candidates:
         return "pgd-20 (probe)", dict(steps=20, loss="margin", restarts=1)
     name = min(candidates, key=lambda n: acc_at.get(n, 1.0))
@@ -376,8 +378,10 @@ def attack_converged(evidence: Evidence, stronger: Stronger) -> dict[str, Any]:
         f"attack broke (any attack {pct(accuracy(unbroken))}, {label} {pct(accuracy(stronger.correct))}; together "
         f"{pct(accuracy(unbroken & stronger.correct))}, {noise(unbroken, unbroken & stronger.correct)})",
         "the evaluation attacks are too weak or have not converged, so the robust accuracy reported is too "
-        "high: use the default evaluation (evaluation=default), whose APGD and Square attacks a misleading "
-        "gradient does not fool, or evaluation=autoattack (Carlini et al. 2019: run attacks until they converge).")
+        "high: use the default evaluation (evaluation=default) with its budgets, whose AutoAttack attacks a "
+        "misleading gradient does not fool, or evaluation=autoattack; where the default itself warns, its random "
+        "draws missed what the probe's found: give every attack more starts with restarts=N (Carlini et al. 2019: "
+        "run attacks until they converge).")
 
 
 def _pgd(**kwargs: Any) -> attacks.Attack:

@@ -38,7 +38,7 @@ from advcli import (attacks, averaging, checkpoint, config, data, distributed, p
 from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
 from advcli.errors import ConfigError
 from advcli.guards import StopRequests, never_robust, overfitting
-from advcli.evaluate import escalation, eval_settings, evaluate, evaluate_model, evaluation_attack_configs
+from advcli.evaluate import eval_settings, evaluate, evaluate_model, evaluation_attack_configs
 from advcli.models import uses_batchnorm
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,10 @@ def check_settings(cfg: DictConfig) -> Choices:
             f"validation.attack={config.choice_name(cfg.validation.attack, 'attack')}: a model with an adversarial-input "
             "output (trainer=adv_class) is checked each epoch with advcli's PGD, whose adaptive variant must avoid the "
             "flag; the reference attacks are not adaptive to it. Leave validation.attack at the trainer's choice (pgd).")
+    config.check_evaluation_config(cfg.evaluation)
     eval_attacks = evaluation_attack_configs(cfg.evaluation, {"adversarial_class": flagged})
     config.check_evaluation_attacks(eval_attacks, norm=settings.norm,
                                     num_classes=info.num_classes + objective.extra_outputs, adversarial_class=flagged)
-    escalation(eval_attacks, config.plain(cfg.evaluation.get("escalate") or {}))
     if objective.needs_attack and config.attack_kind(cfg.attack) == "none":
         raise ConfigError(f"trainer={trainer_name} trains on the training attack's outputs, but attack=none makes "
                           "none, so the run would be standard training under another name. Pick a training attack, "

@@ -42,7 +42,8 @@ def test_train_config_composes_with_every_group_and_eps_as_typed():
     assert cfg.eps == "8/255" and config.parse_eps(cfg.eps) == pytest.approx(8 / 255)
     assert cfg.attack._target_ == "advcli.attacks.pgd" and cfg.attack.norm == "linf"
     assert cfg.model.name == "preact_resnet18" and cfg.dataset.name == "cifar10"
-    assert list(cfg.evaluation.attacks) == ["clean", "pgd_margin", "apgd_ce", "apgd_t", "square"]
+    assert list(cfg.evaluation.standalone_attacks) == ["clean", "fgsm", "pgd"]
+    assert list(cfg.evaluation.attacks) == ["pgd_margin", "apgd_ce", "apgd_t", "fab_t", "square"]
     assert cfg.evaluation.name == "default" and cfg.evaluation.cascade
     cfg = compose_config("train", ["restarts=4", "norm=l2", "evaluation=fast"])
     assert set(cfg.evaluation.attacks) == {"clean", "fgsm", "pgd", "pgd_margin"}
@@ -136,7 +137,7 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     (["trainer=trades", "attack=none"], "standard training under another name"),
     (["+attack.stepz=3"], "attack.stepz is not a setting of pgd"),
     (["+attack@evaluation.attacks.aa=autoattack", "dataset.num_classes=3"], "at least 4 classes"),
-    (["+evaluation.escalate.attacks.nosuch.steps=3"], "has no attack named nosuch"),  # used only at the end
+    (["+evaluation.focus.square=0.1"], "evaluation.focus is no longer a setting"),  # it skipped examples on a guess
 ])
 def test_settings_that_cannot_do_what_they_say_are_refused_before_any_work(tmp_path, overrides, fragment):
     # in-process (the shell's exit status 2 and one paragraph: test_reliability's shell test)

@@ -1,22 +1,22 @@
-"""The default evaluation: AutoAttack's attacks through the reference code (advcli.autoattack), run as a cascade
-in which each attack sees only what the ones before it left standing, and Square focused on the survivors
-closest to the boundary (advcli.outcomes)."""
+"""The default evaluation: FGSM and PGD alone, then AutoAttack's attacks through the reference code
+(advcli.autoattack) at AutoAttack's own budgets, as a cascade in which each attack runs on every example the
+ones before it left standing (advcli.outcomes)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from pyautoattack import AutoAttack
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
 from advcli import config
 from advcli.attacks import pgd
-from advcli.autoattack import apgd, apgd_targeted, square
+from advcli.autoattack import apgd, apgd_targeted, fab_targeted, square
 from advcli.errors import ConfigError
 from advcli.evaluate import evaluation_attacks
-from advcli.outcomes import cascade_outcomes, margin_of
+from advcli.outcomes import cascade_outcomes
 from conftest import compose_config
 
 EPS = 0.1
@@ -27,19 +27,61 @@ def broken(model, x_adv, y) -> torch.Tensor:
         return model(x_adv).argmax(1) != y
 
 
-def test_default_preset_is_autoattacks_attacks_as_a_cascade():
-    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1"])
-    _, described = evaluation_attacks(cfg.evaluation.attacks)
+def test_default_preset_is_fgsm_and_pgd_alone_then_autoattacks_attacks_at_its_budgets_as_a_cascade(robust_mlp):
+    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", "eps=0.1"])
     assert cfg.evaluation.name == "default" and cfg.evaluation.cascade is True
-    assert list(described) == ["clean", "pgd_margin", "apgd_ce", "apgd_t", "square"]
-    assert [described[n]["attack"] for n in described] == ["none", "pgd", "apgd", "apgd_targeted", "square"]
-    assert described["pgd_margin"]["early_stop"] is True and described["apgd_t"]["targets"] == 3
-    assert 0 < cfg.evaluation.focus.square < 1 and 0 < cfg.evaluation.escalate.when < 1
-    # where gradients mislead: AutoAttack's own strength (and APGD-CE again, from more random starts)
-    assert dict(cfg.evaluation.escalate.attacks) == {"apgd_ce": {"steps": 100, "restarts": 5},
-                                                     "apgd_t": {"targets": 9, "steps": 100}, "square": {"queries": 5000}}
+    _, alone = evaluation_attacks(cfg.evaluation.standalone_attacks)
+    _, chain = evaluation_attacks(cfg.evaluation.attacks)
+    assert [alone[n]["attack"] for n in alone] == ["none", "fgsm", "pgd"]
+    assert [chain[n]["attack"] for n in chain] == ["pgd", "apgd", "apgd_targeted", "fab_targeted", "square"]
+    # every reference attack at the budget standard AutoAttack gives it (read from the reference code itself)
+    reference = AutoAttack(robust_mlp[0], norm="Linf", eps=0.1, version="standard", seed=0)
+    assert reference.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert (chain["apgd_ce"]["steps"], chain["apgd_ce"]["restarts"]) == (reference.apgd.n_iter, reference.apgd.n_restarts)
+    apgd_t, fab_t, sq = chain["apgd_t"], chain["fab_t"], chain["square"]
+    assert (apgd_t["targets"], apgd_t["steps"], apgd_t["restarts"]) == (
+        reference.apgd_targeted.n_target_classes, reference.apgd_targeted.n_iter, reference.apgd_targeted.n_restarts)
+    assert (fab_t["targets"], fab_t["steps"], fab_t["restarts"]) == (
+        reference.fab.n_target_classes, reference.fab.n_iter, reference.fab.n_restarts)
+    assert (sq["queries"], sq["p_init"], sq["restarts"]) == (
+        reference.square.n_queries, reference.square.p_init, reference.square.n_restarts)
+    assert "focus" not in cfg.evaluation and "escalate" not in cfg.evaluation
     fast = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", "evaluation=fast"])
     assert fast.evaluation.name == "fast" and fast.evaluation.cascade is False
+
+
+def test_restarts_and_the_evaluation_seed_reach_every_attack_that_has_them():
+    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=3", "evaluation.seed=7"])
+    _, described = evaluation_attacks({**cfg.evaluation.standalone_attacks, **cfg.evaluation.attacks})
+    restarts = {name: row["restarts"] for name, row in described.items() if "restarts" in row}
+    assert restarts == {"fgsm": 1, "pgd": 3, "pgd_margin": 3, "apgd_ce": 3, "apgd_t": 3, "fab_t": 3, "square": 3}
+    assert {name: row["seed"] for name, row in described.items() if "seed" in row} == dict.fromkeys(
+        ["apgd_ce", "apgd_t", "fab_t", "square"], 7)
+    aa = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=3", "evaluation=autoattack", "evaluation.seed=7"])
+    assert aa.evaluation.attacks.autoattack.seed == 7
+    with pytest.raises(ConfigError, match="restarts=3 cannot reach AutoAttack"):
+        config.check_evaluation_attacks(aa.evaluation.attacks, norm="linf", num_classes=10)
+
+
+@pytest.mark.parametrize("key", ["+evaluation.focus.square=0.1", "+evaluation.escalate.when=0.05"])
+def test_retired_settings_that_skipped_examples_on_a_guess_are_refused(key):
+    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", key])
+    with pytest.raises(ConfigError, match="is no longer a setting"):
+        config.check_evaluation_config(cfg.evaluation)
+
+
+def test_one_name_for_an_attack_alone_and_in_the_cascade_is_refused():
+    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", "+attack@evaluation.attacks.pgd=pgd"])
+    with pytest.raises(ConfigError, match="one name for two attacks"):
+        config.check_evaluation_config(cfg.evaluation)
+
+
+def test_the_evaluation_batch_size_is_part_of_what_a_run_is():
+    from advcli import seeds
+
+    small, large = (compose_config("train", [f"evaluation.batch_size={size}"]) for size in (100, 500))
+    assert config.fingerprint(small, precision="fp32") != config.fingerprint(large, precision="fp32")
+    assert seeds.settings_id(config.plain(small)) != seeds.settings_id(config.plain(large))
 
 
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
@@ -125,64 +167,38 @@ def test_cascade_attacks_only_what_the_attacks_before_left_standing(robust_mlp):
     assert torch.equal(found.correct["spy"], survivors) and summary["any_attack"]["acc"] == summary["spy"]["acc"]
 
 
-def test_focus_takes_the_survivors_nearest_the_boundary_first_and_stops_when_a_share_breaks_nothing(robust_mlp):
+def test_every_survivor_gets_every_attack_whatever_the_batch_size(robust_mlp):
     model, x, y = robust_mlp
-    with torch.no_grad():
-        logits = model(x)
-    right = (logits.argmax(1) == y).nonzero().squeeze(1)
+    attacked = []
+    for size in (7, 64, len(y)):
+        spy = RowSpy(x)
+        batches = [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+        found = cascade_outcomes(model, batches, {"pgd": lambda m, a, b, e: pgd(m, a, b, e, steps=5, random_start=False),
+                                                  "spy": spy}, eps=EPS)
+        rows = sorted(row for call in spy.calls for row in call)  # positions in x
+        assert rows == found.correct["pgd"].nonzero().squeeze(1).tolist()  # every survivor, none skipped
+        attacked.append(rows)
+    assert attacked[0] == attacked[1] == attacked[2]
+
+
+def test_a_cascade_starts_from_what_the_attacks_run_alone_left_standing(robust_mlp):
+    model, x, y = robust_mlp
+    standing = torch.zeros(len(y), dtype=torch.bool)
+    standing[::3] = True
     spy = RowSpy(x)
-    found = cascade_outcomes(model, [(x, y)], {"spy": spy}, eps=EPS, focus={"spy": 0.25})
-    share = math.ceil(0.25 * len(right))
-    assert len(spy.calls) == 1 and len(spy.calls[0]) == share == found.summary()["spy"]["attacked"]
-    nearest = right[margin_of(logits[right], y[right]).argsort()[:share]]
-    assert sorted(spy.calls[0]) == sorted(nearest.tolist())
-
-    calls = []
-
-    def breaks_all(model, x_rows, y_rows, eps):
-        calls.append(len(y_rows))
-        return torch.zeros_like(x_rows) if len(calls) < 4 else x_rows  # every share but the last breaks some
-
-    found = cascade_outcomes(model, [(x, y)], {"strong": breaks_all}, eps=1.0, focus={"strong": 0.25})
-    assert len(calls) == 4 and sum(calls) == len(right) == found.summary()["strong"]["attacked"]
+    found = cascade_outcomes(model, [(x, y)], {"spy": spy}, eps=EPS, standing=standing)
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    assert sorted(spy.calls[0]) == (clean & standing).nonzero().squeeze(1).tolist()
+    assert torch.equal(found.correct["spy"], clean & standing)
 
 
-def test_escalated_settings_are_used_only_where_later_attacks_broke_much_of_what_the_first_left():
-    from advcli.outcomes import Escalation, misleading
-
-    assert not misleading(100, 95, 0.05) and misleading(100, 94, 0.05) and not misleading(0, 0, 0.05)
-    assert not misleading(None, 10, 0.05)  # nothing has run yet
-
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4, bias=False))
-    torch.nn.init.eye_(model[1].weight)  # logits = the pixels: an example is class argmax(x)
-    x = torch.eye(4).repeat(25, 1).view(100, 1, 1, 4)
-    y = x.flatten(1).argmax(1)
-
-    def breaks(count: int):
-        def attack(model, x_rows, y_rows, eps):  # breaks the first `count` rows it is given
-            out = x_rows.clone()
-            out[:count] = out[:count].roll(1, dims=-1)
-            return out
-        return attack
-
-    def run(second_breaks: int) -> dict:
-        weak, strong = RowSpy(x), RowSpy(x)
-        found = cascade_outcomes(model, [(x, y)], {"first": breaks(0), "second": breaks(second_breaks), "last": weak},
-                                 eps=1.0, escalate=Escalation(0.05, {"last": strong}))
-        summary = found.summary()
-        assert summary["second"]["attacked"] == 100 and summary["last"]["attacked"] == 100 - second_breaks
-        return {"weak": len(weak.calls), "strong": len(strong.calls), "escalated": summary["last"]["escalated"]}
-
-    assert run(0) == run(5) == {"weak": 1, "strong": 0, "escalated": 0}  # the gradient attacks agree: no escalation
-    assert run(6) == {"weak": 0, "strong": 1, "escalated": 94}  # 6% broken after the first: gradients mislead
-
-    def rerun(second_breaks: int) -> tuple[list[int], dict]:
-        again = RowSpy(x)
-        found = cascade_outcomes(model, [(x, y)], {"first": breaks(0), "second": breaks(second_breaks)}, eps=1.0,
-                                 escalate=Escalation(0.05, {"second": again}))
-        return [len(rows) for rows in again.calls], found.summary()["second"]
-
-    # the attack whose breaks reveal misleading gradients runs again at its escalated strength on what it left
-    calls, row = rerun(6)
-    assert calls == [94] and row["attacked"] == 100 + 94 and row["escalated"] == 94
-    assert rerun(5)[0] == []
+def test_fab_t_breaks_what_the_reference_breaks(robust_mlp):
+    model, x, y = robust_mlp
+    x, y = x[:64], y[:64]
+    theirs = FABAttack_PT(model, n_restarts=1, n_iter=10, eps=EPS, seed=0, targeted=True, n_target_classes=3,
+                          device=x.device).perturb(x, y)
+    ours = fab_targeted(model, x, y, EPS, targets=3, steps=10)
+    assert 0 < int(broken(model, theirs, y).sum())
+    assert int((broken(model, ours, y) ^ broken(model, theirs, y)).sum()) <= 1
+    assert (ours - x).abs().max() <= EPS + 1e-6

@@ -203,12 +203,12 @@ def test_attack_choice_that_clashes_with_a_default_attack_is_refused(tmp_path, t
                                                     "progress=false", f"output_dir={tmp_path}"]))
 
 
-def test_escalating_an_attack_the_evaluation_lacks_is_refused_before_loading_data(tmp_path, tiny_checkpoint):
+def test_a_retired_evaluation_setting_is_refused_before_loading_data(tmp_path, tiny_checkpoint):
     from advcli.errors import ConfigError
     from advcli.evaluate import check_eval_settings
 
-    with pytest.raises(ConfigError, match="has no attack named nosuch"):
-        check_eval_settings(compose_config("eval", [f"ckpt={tiny_checkpoint}", "+evaluation.escalate.attacks.nosuch.steps=3",
+    with pytest.raises(ConfigError, match="evaluation.escalate is no longer a setting"):
+        check_eval_settings(compose_config("eval", [f"ckpt={tiny_checkpoint}", "+evaluation.escalate.attacks.apgd_t.steps=3",
                                                     "device=cpu", f"output_dir={tmp_path}"]))
 
 
@@ -235,3 +235,38 @@ def test_autoattack_refuses_inputs_the_reference_code_cannot_handle():
         autoattack(TinyConvNet(3).eval(), x, y, 0.1)
     with pytest.raises(ConfigError, match="L2 Square attack cannot handle 8x8"):
         autoattack(TinyConvNet(4).eval(), x, y, 0.5, norm="l2")
+
+
+CHEAP_DEFAULT = ["evaluation.attacks.apgd_ce.steps=5", "evaluation.attacks.apgd_t.steps=5",
+                 "evaluation.attacks.fab_t.steps=5", "evaluation.attacks.square.queries=50",
+                 "evaluation.sanity.enabled=false", "evaluation.num_examples=64", "device=cpu", "progress=false"]
+
+
+def test_an_attack_added_on_the_command_line_runs_alone_on_every_example_beside_the_cascade(tmp_path, tiny_checkpoint,
+                                                                                            capsys):
+    metrics = evaluate_checkpoint(compose_config("eval", [f"ckpt={tiny_checkpoint}", "attack=autoattack",
+                                                          "+attack.attacks=[apgd-ce]", *CHEAP_DEFAULT,
+                                                          f"output_dir={tmp_path}"]))
+    rows = metrics["test"]
+    right = round(rows["clean"]["acc"] * 64)
+    # FGSM, PGD and the added AutoAttack each ran on every correctly classified example, the cascade on what was left
+    assert rows["autoattack"]["attacked"] == rows["fgsm"]["attacked"] == rows["pgd"]["attacked"] == right
+    assert not any(rows[name].get("in_cascade") for name in ("clean", "fgsm", "pgd", "autoattack"))
+    assert all(rows[name]["in_cascade"] for name in ("pgd_margin", "apgd_ce", "apgd_t", "fab_t", "square"))
+    standing_alone = min(rows[name]["acc"] for name in ("fgsm", "pgd", "autoattack"))
+    assert rows["pgd_margin"]["attacked"] <= round(standing_alone * 64)
+    assert rows["any_attack"]["acc"] == rows["square"]["acc"] <= standing_alone
+    printed = capsys.readouterr().out
+    table = printed[printed.index("attack "):]
+    assert table.index("pgd ") < table.index("then a cascade on what those left standing") < table.index("pgd_margin")
+
+
+def test_a_checkpoint_with_an_adversarial_input_output_is_evaluated_as_advcli_train_evaluates_it(tmp_path):
+    run = tmp_path / "run"
+    train(compose_config("train", tiny_overrides(run, "trainer=adv_class", "evaluation.num_examples=32",
+                                                 "evaluation.sanity.enabled=false")))
+    metrics = evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "evaluation.num_examples=32",
+                                                          "device=cpu", "progress=false", f"output_dir={tmp_path / 'e'}"]))
+    trained = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluation"] == "fast" and "pgd_adaptive" in metrics["test"]
+    assert set(metrics["test"]) == set(trained["test"])

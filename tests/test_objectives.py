@@ -251,7 +251,7 @@ def test_autoattack_against_an_adv_class_model_is_refused(adv_class_run, tmp_pat
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_an_adv_class_run_evaluates_with_the_adaptive_preset_and_the_default_is_refused(adv_class_run, tmp_path):
+def test_an_adv_class_run_evaluates_with_the_adaptive_preset_and_autoattack_is_refused(adv_class_run, tmp_path):
     from hydra import compose, initialize_config_module
 
     from advcli.errors import ConfigError
@@ -265,7 +265,8 @@ def test_an_adv_class_run_evaluates_with_the_adaptive_preset_and_the_default_is_
                                                      "attack@validation.attack=apgd_ce")))
 
     run, _ = adv_class_run
-    cfg = compose_config("eval", ["evaluation=default", f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
+    # the default preset becomes the fast one by itself (test_evaluate); AutoAttack asked for is refused
+    cfg = compose_config("eval", ["evaluation=autoattack", f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
                                   f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="evaluation=fast"):
         evaluate_checkpoint(cfg)

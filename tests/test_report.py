@@ -105,7 +105,7 @@ def test_the_robustness_curve_carries_n_and_intervals_in_table_csv_and_plot(tmp_
     assert json.loads((tmp_path / "metrics.json").read_text())["curve"] == metrics["curve"]
 
 
-@pytest.mark.parametrize("preset,said", [("fast", "fast evaluation"), ("default", "default evaluation: a cascade"),
+@pytest.mark.parametrize("preset,said", [("fast", "fast evaluation"), ("default", "default evaluation: FGSM and PGD alone"),
                                          ("autoattack", "standard AutoAttack")])
 def test_the_results_say_which_evaluation_made_them(preset, said):
     metrics = {**training_metrics(), "evaluation": preset, "cascade": preset == "default"}

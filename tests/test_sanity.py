@@ -88,3 +88,29 @@ def test_the_report_can_be_switched_off(tmp_path):
     metrics = train(compose_config("train", tiny_overrides(tmp_path, "evaluation.num_examples=32",
                                                            "evaluation.sanity.enabled=false")))
     assert metrics["sanity"] is None
+
+
+def default_sanity_of(model, x, y, attack_cfgs, eps=0.05):
+    """The default preset's sanity report (its attack_converged probe: standard AutoAttack) on ``attack_cfgs``
+    run as a cascade after the clean row."""
+    cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1", f"eps={eps}",
+                                  "evaluation.sanity.num_examples=128", "evaluation.sanity.stronger.num_examples=128"])
+    images = data.ImageSet((x * 255).round().to(torch.uint8), y)
+    settings = EvalSettings(eps_values=((eps, str(eps)),), norm="linf", batch_size=256, sanity=cfg.evaluation.sanity,
+                            cascade=True, alone=("clean",), stronger=cfg.evaluation.sanity.stronger)
+    found = evaluate_model(model, images, {"clean": cfg.evaluation.standalone_attacks.clean, **attack_cfgs(cfg)},
+                           settings)
+    print(report.results_table(found.results, eps=eps, norm="linf", cascade=True))
+    print(report.sanity_table(found.sanity))
+    return {check["name"]: check for check in found.sanity["checks"]}["attack_converged"]
+
+
+def test_the_default_sanity_probe_is_autoattack_and_warns_where_the_cascade_misses_what_it_finds(robust_mlp):
+    # a cascade weakened by hand (one tiny margin-PGD step): it misses examples AutoAttack breaks
+    weak = default_sanity_of(*robust_mlp, lambda cfg: {"pgd_margin": {**cfg.evaluation.attacks.pgd_margin,
+                                                                      "steps": 1, "alpha": 0.001}})
+    assert "autoattack (seed 1)" in weak["detail"]
+    assert weak["verdict"] == "warn" and "too weak" in weak["likely_cause"]
+    # the default cascade itself: the probe finds (almost) nothing it missed
+    full = default_sanity_of(*robust_mlp, lambda cfg: dict(cfg.evaluation.attacks))
+    assert full["verdict"] == "pass", full["detail"]

@@ -108,7 +108,8 @@ def test_standard_autoattack_on_the_whole_test_set_writes_a_model_info_entry(tmp
                                             (["evaluation=autoattack", "+evaluation.attacks.autoattack.attacks=[apgd-ce]"],
                                              "not the standard version"),
                                             (["evaluation=autoattack", "evaluation.amp=bf16"], "reduced precision"),
-                                            (["evaluation=autoattack", "eps=[4/255,8/255]"], "not a curve")])
+                                            (["evaluation=autoattack", "eps=[4/255,8/255]"], "not a curve"),
+                                            (["+attack@evaluation.attacks.autoattack=autoattack"], "runs in a cascade")])
 def test_a_leaderboard_entry_from_another_protocol_is_refused_before_any_work(tmp_path, planted_zoo, cifar10_root,
                                                                               extra, fragment):
     cfg = zoo_eval(tmp_path / "eval", planted_zoo[0], cifar10_root[0], *extra, f"model_info.path={tmp_path / 'e.json'}")
