@@ -271,3 +271,37 @@ def test_a_run_directory_that_cannot_be_created(tmp_path):
     result = run_advcli("train", "dataset=synthetic", f"hydra.run.dir={blocker / 'run'}")
     assert result.returncode == 2 and "cannot be written" in result.stderr and "Traceback" not in result.stderr
     assert "hydra.run.dir=PATH" in result.stderr
+
+
+def interrupted_after_epoch_1(tmp_path, monkeypatch, *overrides: str) -> None:
+    """A run stopped by Ctrl-C during epoch 1's validation: its checkpoint holds epoch 1 of the planned ones."""
+    real_validate = train_module.validate
+
+    def validate_then_sigint(run):
+        found = real_validate(run)
+        signal.raise_signal(signal.SIGINT)
+        return found
+
+    monkeypatch.setattr(train_module, "validate", validate_then_sigint)
+    with pytest.raises(Interrupted):
+        train(compose_config("train", tiny_overrides(tmp_path, *overrides)))
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_fewer_epochs_on_resume_are_refused_for_a_schedule_that_depends_on_the_length(tmp_path, monkeypatch,
+                                                                                      schedule):
+    interrupted_after_epoch_1(tmp_path, monkeypatch, "epochs=3", f"lr_schedule={schedule}")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError) as error:  # it would end mid-schedule, yet be recorded as a 2-epoch run
+        train(compose_config("train", tiny_overrides(tmp_path, "epochs=2", f"lr_schedule={schedule}")))
+    message = str(error.value)
+    assert "epochs=2" in message and "planned for 3 epochs" in message and f"lr_schedule={schedule}" in message
+    assert "epochs=3" in message and "resume=never" in message and "\n" not in message
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / "metrics.json").exists()
+
+
+def test_fewer_epochs_on_resume_are_allowed_with_a_constant_learning_rate(tmp_path, monkeypatch):
+    interrupted_after_epoch_1(tmp_path, monkeypatch, "epochs=3")
+    shorter = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2")))
+    assert shorter["epochs"] == shorter["epochs_trained"] == 2
