@@ -378,6 +378,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "attack": c.attack_name, "attack_settings": training_attack_settings(cfg), "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
         "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
+        "examples": examples_used(run),
         "ema_decay": cfg.ema.decay,  # not null: the results are the EMA of the weights'
         "init": run.started_from,    # not null: fine-tuned from these weights
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
@@ -396,6 +397,15 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
     if run.ranks.is_main:
         write_report(run, metrics)
     return metrics
+
+
+def examples_used(run: Run) -> str:
+    """Which images the run trained, held out and was evaluated on, in words (metrics.json's ``examples``)."""
+    dataset = run.choices.dataset
+    order = data.split_order(dataset.name, **dataset.options)
+    return (f"evaluated on the first {len(run.test_set)} images of the test split; trained on the first "
+            f"{len(run.train_set)} of the training split, the last {len(run.val_set)} of it held out; both splits in "
+            f"{order}")
 
 
 def training_attack_settings(cfg: DictConfig) -> dict[str, Any]:
