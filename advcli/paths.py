@@ -47,15 +47,17 @@ def claim(folder: Path) -> Path:
     key = Path(folder).resolve()
     if key in _held:
         return folder
-    handle = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    handle = None
     try:
+        handle = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_holder(handle)
         os.close(handle)
         raise RunDirectoryBusy(busy_message(folder, holder)) from None
-    except OSError as error:  # a file system without locks: run as before, unguarded
-        os.close(handle)
+    except OSError as error:  # a file system without locks, or another user's lock file: run as before, unguarded
+        if handle is not None:
+            os.close(handle)
         log.warning("cannot lock %s (%s): nothing stops a second process from running in it at the same time",
                     key / LOCK_FILE, error.strerror or error)
         return folder
@@ -81,7 +83,10 @@ def holder_of(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / LOCK_FILE
     if Path(folder).resolve() in _held or not path.is_file():
         return None
-    handle = os.open(path, os.O_RDWR)
+    try:
+        handle = os.open(path, os.O_RDWR)
+    except OSError:  # not ours to open: `claim` decides later
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
