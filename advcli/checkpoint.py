@@ -188,11 +188,21 @@ def resume_point(choice: Any, ckpt_path: Path) -> Path | None:
 
 
 def check_new_length(payload: dict[str, Any], path: str | Path, *, epochs: int, lr_schedule: str) -> None:
-    """A resumed run may change its number of epochs, but not below what it trained, nor past a schedule's end."""
+    """A resumed run may change its number of epochs, but not below what it trained, nor past a schedule's end,
+    nor below its planned length when the learning rate depends on that length."""
     trained, planned = payload["epoch"], payload["fingerprint"]["epochs"]
     if trained > epochs:
         raise ConfigError(f"epochs={epochs}, but the run in {path} already trained {trained} epochs. Pass "
                                  f"epochs={trained} or more to continue it, or resume=never to start over.")
+    if epochs < planned and lr_schedule != "constant":
+        # squeezing the rest of a one-cycle or cosine schedule (or cutting it off) makes neither the planned run
+        # nor an epochs-long one, yet the results would be labelled as the latter
+        raise ConfigError(
+            f"epochs={epochs}: the run in {path} was planned for {planned} epochs with lr_schedule={lr_schedule}, "
+            f"whose learning rate depends on the run's length; it trained {trained} of them. Ending it after "
+            f"{epochs} epochs would stop (or squeeze) its schedule part-way and record a {epochs}-epoch "
+            f"{lr_schedule} run it never was. Resume with epochs={planned} or more; or start a new run with "
+            f"epochs={epochs} (resume=never, or another directory). Only lr_schedule=constant runs may be shortened.")
     if epochs > planned and trained == planned and lr_schedule != "constant":
         raise ConfigError(
             f"epochs={epochs}: the run in {path} finished its {planned} epochs, and its schedule "

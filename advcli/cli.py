@@ -51,28 +51,43 @@ def main() -> None:
         sys.exit(2)
     if command == "summarize":
         return summarize_command(args)
-    check_run_directory(args)
+    check_run_directory(args, exclusive=command in ("train", "eval"))
     if command in ("eval", "import"):
         args = eps_list_as_typed(args)
     sys.argv = [f"advcli {command}", *args]
     {"train": train_app, "eval": eval_app, "viz": viz_app, "import": import_app}[command]()
 
 
-def check_run_directory(args: list[str]) -> None:
+def check_run_directory(args: list[str], *, exclusive: bool = False) -> None:
     """Hydra creates the run directory before advcli's code runs and shows a traceback when it cannot;
-    check it first so that a bad ``hydra.run.dir``/``hydra.sweep.dir`` gets a one-paragraph error."""
+    check it first so that a bad ``hydra.run.dir``/``hydra.sweep.dir`` gets a one-paragraph error. With
+    ``exclusive`` (train, eval) a run directory that another live process holds is refused here too."""
     from advcli.paths import check_can_create
 
     if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i") for arg in args):
         return
-    key = "hydra.sweep.dir=" if any(arg in ("-m", "--multirun") for arg in args) else "hydra.run.dir="
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     folders = [arg.split("=", 1)[1] for arg in args if arg.startswith(key)] or ["outputs"]
     try:
         for folder in folders:
             check_can_create(folder, setting=key.rstrip("="))
+        if exclusive and not multirun and folders != ["outputs"]:
+            check_not_in_use(Path(os.path.expanduser(folders[-1])))
     except UserError as error:
         print(f"advcli: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+
+
+def check_not_in_use(folder: Path) -> None:
+    """Refuse a run directory that another live process holds before Hydra writes its config files and log into
+    it (`advcli.paths.claim` takes the lock itself later; this only stops the second command earlier)."""
+    from advcli.paths import busy_message, holder_of
+    from advcli.errors import RunDirectoryBusy
+
+    holder = holder_of(folder) if folder.is_dir() else None
+    if holder is not None:
+        raise RunDirectoryBusy(busy_message(folder, holder))
 
 
 def eps_list_as_typed(args: list[str]) -> list[str]:
@@ -104,7 +119,7 @@ def run_guarded(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     from omegaconf.errors import MissingMandatoryValue
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from advcli import sweep, threads
+    from advcli import paths, sweep, threads
 
     try:
         try:
@@ -126,6 +141,8 @@ def run_guarded(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         elif os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
             print(f"advcli: error: {one_paragraph(error)}", file=sys.stderr, flush=True)
         sys.exit(exit_code)
+    finally:
+        paths.release_all()  # the run directory is free for the next job of a sweep run in this process
 
 
 def robust_accuracy(metrics: dict[str, Any]) -> float:

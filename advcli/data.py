@@ -196,6 +196,15 @@ def dataset_info(name: str, **options: Any) -> DatasetInfo:
     return _REAL_INFO[name]
 
 
+def split_order(name: str, **options: Any) -> str:
+    """The order of a dataset's splits, in words, for the results: which images "the first N" are."""
+    if name == "folder":
+        from advcli import folder
+
+        return folder.order_note(_options(name, options))
+    return "the dataset's own order"
+
+
 # =============================================================================================
 # Loading
 # =============================================================================================

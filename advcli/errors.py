@@ -16,6 +16,10 @@ class ConfigError(UserError):
     """A configuration value is invalid (bad eps, steps <= 0, unknown choice, ...)."""
 
 
+class RunDirectoryBusy(ConfigError):
+    """Another live process holds the run directory (`advcli.paths.claim`)."""
+
+
 class DataError(UserError):
     """A dataset cannot be found, read or generated as asked."""
 

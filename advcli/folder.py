@@ -5,6 +5,11 @@ both. Each image is converted to ``dataset.channels`` channels (3: RGB, 1: grey)
 ``dataset.image_size`` pixels per side, then held like every built-in dataset: one uint8 tensor per split, on the
 training device, batched and augmented there (`advcli.data.batches`).
 
+ImageFolder lists images class by class; each split is then put in a seeded random order (``dataset.shuffle_seed``,
+default 0; null keeps ImageFolder's order), the same on every run and resume, so that the held-out slice (the
+training split's last ``data.val_size`` images), a ``data.train_size`` subset and the first
+``evaluation.num_examples`` test images hold every class instead of the last or first ones only.
+
 The training split's per-channel mean and std (for the model's ``Normalize`` layer) are computed once and cached
 beside the data in ``DIR/.advcli-stats.json``, keyed by image size, channels and the training files' names,
 sizes and modification times, so that changed data is measured again.
@@ -24,7 +29,7 @@ from advcli.data import DatasetInfo, ImageSet
 from advcli.errors import DataError
 from advcli.report import write_json
 
-DEFAULTS = {"path": None, "image_size": 32, "channels": 3}
+DEFAULTS = {"path": None, "image_size": 32, "channels": 3, "shuffle_seed": 0}
 STATS_FILE = ".advcli-stats.json"
 
 
@@ -33,7 +38,8 @@ def options(given: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise DataError(f"Unknown option(s) {', '.join(unknown)} for dataset=folder; its options are dataset.path "
-                        "(the folder holding train/ and test/), dataset.image_size and dataset.channels (1 or 3).")
+                        "(the folder holding train/ and test/), dataset.image_size, dataset.channels (1 or 3) and "
+                        "dataset.shuffle_seed.")
     merged = {**DEFAULTS, **given}
     if merged["path"] in (None, "", "???"):
         raise DataError("dataset=folder needs dataset.path=DIR: the folder that holds train/ and test/, each with "
@@ -44,6 +50,10 @@ def options(given: dict[str, Any]) -> dict[str, Any]:
                         "resized to image_size x image_size).")
     if channels not in (1, 3):
         raise DataError(f"dataset.channels={channels!r} must be 1 (grey) or 3 (RGB).")
+    seed = merged["shuffle_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise DataError(f"dataset.shuffle_seed={seed!r} must be a whole number, 0 or more (the seed of the images' "
+                        "order), or null to keep ImageFolder's order (class by class).")
     merged["path"] = str(Path(os.path.expanduser(str(merged["path"]))).resolve())
     return merged
 
@@ -84,12 +94,35 @@ def class_names(path: str) -> tuple[str, ...]:
     return tuple(found["train"])
 
 
-def load_split(split: str, *, path: str, image_size: int, channels: int) -> ImageSet:
-    """One split as an `ImageSet` (uint8, on the CPU), in ImageFolder's order (class, then file name)."""
+def load_split(split: str, *, path: str, image_size: int, channels: int,
+               shuffle_seed: int | None = 0) -> ImageSet:
+    """One split as an `ImageSet` (uint8, on the CPU), in the order of `shuffled`."""
+    return shuffled(_read_split(split, path=path, image_size=image_size, channels=channels), split, shuffle_seed)
+
+
+def _read_split(split: str, *, path: str, image_size: int, channels: int) -> ImageSet:
+    """One split in ImageFolder's order (class, then file name)."""
     class_names(path)
     folder = _image_folder(path, split, image_size, channels)
     images = torch.stack([image for image, _ in folder])
     return ImageSet(images.to(torch.uint8).contiguous(), torch.as_tensor(folder.targets, dtype=torch.int64))
+
+
+def shuffled(images: ImageSet, split: str, seed: int | None) -> ImageSet:
+    """``images`` in a random order drawn from ``seed`` alone (one for each split), or as they are for None."""
+    if seed is None:
+        return images
+    generator = torch.Generator().manual_seed(2 * seed + (split == "test"))
+    return images.subset(torch.randperm(len(images), generator=generator))
+
+
+def order_note(options: dict[str, Any]) -> str:
+    """How a folder's splits are ordered, for the results (which images the first N are)."""
+    if options.get("shuffle_seed") is None:
+        return "ImageFolder's order (class by class, then file name; dataset.shuffle_seed=null)"
+    return (f"the order of dataset.shuffle_seed={options['shuffle_seed']} (torch.randperm seeded with "
+            f"{2 * options['shuffle_seed']} for train/ and {2 * options['shuffle_seed'] + 1} for test/ over "
+            "ImageFolder's class-sorted list)")
 
 
 def channel_stats(images: ImageSet) -> tuple[list[float], list[float]]:
@@ -129,14 +162,15 @@ def _write_cache(cache: Path, stored: dict[str, Any]) -> None:
         pass  # a read-only data folder: the statistics are computed again next time
 
 
-def info(*, path: str, image_size: int, channels: int) -> DatasetInfo:
-    """Classes, shape and the training split's statistics (cached beside the data)."""
+def info(*, path: str, image_size: int, channels: int, shuffle_seed: int | None = 0) -> DatasetInfo:
+    """Classes, shape and the training split's statistics (cached beside the data; the order of the images, and so
+    ``shuffle_seed``, does not enter them)."""
     classes = class_names(path)
     cache, key = Path(path) / STATS_FILE, _stats_key(path, image_size, channels)
     stored = _read_cache(cache)
     stats = stored.get(key)
     if not (isinstance(stats, dict) and len(stats.get("mean", [])) == channels == len(stats.get("std", []))):
-        mean, std = channel_stats(load_split("train", path=path, image_size=image_size, channels=channels))
+        mean, std = channel_stats(_read_split("train", path=path, image_size=image_size, channels=channels))
         stats = {"mean": mean, "std": [max(s, 1e-6) for s in std]}
         _write_cache(cache, {**stored, key: stats})
     return DatasetInfo("folder", len(classes), channels, image_size, tuple(stats["mean"]), tuple(stats["std"]),

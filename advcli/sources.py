@@ -232,8 +232,24 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str) -> tup
                 "another scale. Pass the same normalisation (model.normalize=none, or "
                 f"model.normalize={{mean:{other['mean']},std:{other['std']}}}).")
         state = {k[len("net."):]: v for k, v in payload["model"].items() if k.startswith("net.")}
-        return state, {**record, "kind": "checkpoint"}
+        classes = {"classes": list(other["classes"])} if other.get("classes") else {}  # what its head's outputs mean
+        return state, {**record, "kind": "checkpoint", **classes}
     return weights.state_dict_of(loaded, path, setting="init"), record
+
+
+def head_misfit(source_shapes: list[tuple[int, ...]], target_shapes: list[tuple[int, ...]],
+                source_classes: Sequence[str] | None, spec: Mapping[str, Any]) -> str | None:
+    """Why the source's last layer cannot be this run's (None when it can): other shapes, or, where both sides
+    name their classes, other names or another order -- a head of the same shape would then answer with the
+    source's classes under this run's names."""
+    if source_shapes != target_shapes:
+        return (f"the file's last layer has shapes {source_shapes}, this run's {target_shapes} "
+                f"({spec['num_classes']} classes)")
+    target_classes = spec.get("classes")
+    if source_classes and target_classes and list(source_classes) != list(target_classes):
+        return (f"its last layer was trained on the classes {list(source_classes)[:10]}, and this run's are "
+                f"{list(target_classes)[:10]} (names and order must match for its outputs to mean them)")
+    return None
 
 
 def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, Any], *,
@@ -249,13 +265,14 @@ def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, 
     target_head = head_keys(target, model.net)
     named_head = [k for k in target_head if k in source]  # the file names the head as the model does
     source_head = named_head if len(named_head) == len(target_head) else head_keys(source)
-    fits = [source[k].shape for k in source_head] == [target[k].shape for k in target_head]
-    keep = head == "keep" or (head == "auto" and fits)
-    if keep and not fits:
-        raise ConfigError(
-            f"init={init} init_head=keep: the file's last layer has shapes "
-            f"{[tuple(source[k].shape) for k in source_head]}, this run's {[tuple(target[k].shape) for k in target_head]} "
-            f"({spec['num_classes']} classes). Use init_head=reset (a new last layer) to fine-tune on other classes.")
+    misfit = head_misfit([tuple(source[k].shape) for k in source_head], [tuple(target[k].shape) for k in target_head],
+                         record.get("classes"), spec)
+    keep = head == "keep" or (head == "auto" and misfit is None)
+    if keep and misfit is not None:
+        raise ConfigError(f"init={init} init_head=keep: {misfit}. Use init_head=reset (a new last layer) to "
+                          "fine-tune on other classes.")
+    if head == "auto" and misfit is not None:
+        log.info("init_head=auto: a new last layer, because %s", misfit)
     if not keep:
         source = {k: v for k, v in source.items() if k not in source_head}
         target = {k: v for k, v in target.items() if k not in target_head}

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from advcli import seeds
 from advcli.config import choice_name
-from advcli.errors import SweepError, UserError, one_paragraph
+from advcli.errors import RunDirectoryBusy, SweepError, UserError, one_paragraph
 from advcli.report import accuracy_interval, examples_in
 from advcli.summary import SUMMARY_FILES, write_summary
 
@@ -268,7 +268,9 @@ def parallel_jobs() -> int:
 
 
 def record_failure(error: Exception, *, debug: bool = False, sweep_goes_on: bool = True) -> dict:
-    """Write the job's ``failed.json`` (one-line error, exception type) and report the error.
+    """Write the job's ``failed.json`` (one-line error, exception type) and report the error. A job refused because
+    a live process holds its directory (`advcli.paths.claim`) is skipped: nothing is written into that process's
+    directory, whose results are still to come.
 
     The paragraph goes to stderr like a single run's; the traceback of anything but a UserError (a bug,
     or any error with ``debug=true``) goes to the job's log, so a sweep's summary can point at it.
@@ -280,6 +282,9 @@ def record_failure(error: Exception, *, debug: bool = False, sweep_goes_on: bool
     record = {"error": one_paragraph(error), "type": type(error).__name__, "user_error": user_error,
               "job": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task), "time": time.time()}
     folder = Path(hydra_cfg.runtime.output_dir)
+    if isinstance(error, RunDirectoryBusy):  # the directory is the live job's: its results must not read as failed
+        print(f"advcli: job {hydra_cfg.job.num} skipped: {record['error']}", file=sys.stderr, flush=True)
+        return record
     folder.mkdir(parents=True, exist_ok=True)
     (folder / FAILED_FILE).write_text(json.dumps(record, indent=2) + "\n")
     where = "" if user_error else f"{type(error).__name__}: "

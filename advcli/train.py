@@ -2,8 +2,8 @@
 
 `train(cfg)` reads top to bottom as the run's life:
 
-1. **check** every setting before any work (`check_settings`), then **build** the run: data, model,
-   optimiser, schedule (`build_run`);
+1. **check** every setting before any work (`check_settings`), claim the run directory (`run_directory`: a
+   second live process there is refused), then **build** the run: data, model, optimiser, schedule (`build_run`);
 2. **restore** it from its checkpoint when the same run was stopped before (`resume`; a checkpoint of
    another experiment is refused, see `advcli.config.fingerprint`);
 3. **fit**: per epoch, train (`advcli.epoch.train_epoch`), validate on a held-out slice of the training split,
@@ -36,7 +36,7 @@ from torch import nn
 from advcli import (attacks, averaging, checkpoint, config, data, distributed, paths, report, runtime, seeds, sources,
                     tracking)
 from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
-from advcli.errors import ConfigError
+from advcli.errors import ConfigError, UserError
 from advcli.guards import StopRequests, never_robust, overfitting
 from advcli.evaluate import eval_settings, evaluate, evaluate_model, evaluation_attack_configs
 from advcli.models import uses_batchnorm
@@ -147,11 +147,25 @@ def load_data(cfg: DictConfig, choices: Choices, device: torch.device) -> tuple[
     return train_set.to(device), val_set.to(device), test_set.to(device)
 
 
-def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, device: torch.device) -> Run:
-    """Data, model, optimiser and schedule, on this rank's device."""
+def run_directory(cfg: DictConfig, ranks: distributed.Ranks) -> Path:
+    """The run directory, made and claimed by rank 0 for this run (`advcli.paths.claim`: another live process in
+    it is refused); every rank gets it, or the same refusal, so that no rank waits for one that has given up."""
+    found: Path | UserError | None = None
+    if ranks.is_main:
+        try:
+            found = paths.output_dir(cfg)
+        except UserError as error:
+            found = error
+    found = distributed.same_on_all_ranks(found)
+    if isinstance(found, UserError):
+        raise found
+    return found
+
+
+def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, device: torch.device, out: Path) -> Run:
+    """Data, model, optimiser and schedule, on this rank's device, for the run directory ``out``."""
     if not ranks.is_main:  # one log, from rank 0
         logging.getLogger().setLevel(logging.WARNING)
-    out = distributed.same_on_all_ranks(paths.output_dir(cfg) if ranks.is_main else None)
     amp_dtype = runtime.resolve_amp(cfg.amp, device)
     s, info = choices.settings, choices.info
     log.info("device %s, %s, eps %s (%s), run directory %s%s", device, runtime.describe_precision(amp_dtype),
@@ -364,6 +378,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "attack": c.attack_name, "attack_settings": training_attack_settings(cfg), "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
         "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
+        "examples": examples_used(run),
         "ema_decay": cfg.ema.decay,  # not null: the results are the EMA of the weights'
         "init": run.started_from,    # not null: fine-tuned from these weights
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
@@ -382,6 +397,15 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
     if run.ranks.is_main:
         write_report(run, metrics)
     return metrics
+
+
+def examples_used(run: Run) -> str:
+    """Which images the run trained, held out and was evaluated on, in words (metrics.json's ``examples``)."""
+    dataset = run.choices.dataset
+    order = data.split_order(dataset.name, **dataset.options)
+    return (f"evaluated on the first {len(run.test_set)} images of the test split; trained on the first "
+            f"{len(run.train_set)} of the training split, the last {len(run.val_set)} of it held out; both splits in "
+            f"{order}")
 
 
 def training_attack_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -428,14 +452,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     choices = check_settings(cfg)
     with distributed.joined(runtime.resolve_device(cfg.device)) as (ranks, device):
-        run = build_run(cfg, choices, ranks, device)
-        state = resume(run)
-        if state.done(cfg) and (results := finished_results(run)) is not None:
-            return results
-        with tracking.tracked(cfg, run.out, command="train", continuing=bool(state.epoch or state.partial),
-                              enabled=ranks.is_main) as run.tracker:
-            fit(run, state)
-            return final_evaluation(run, state, started)
+        out = run_directory(cfg, ranks)
+        try:
+            return train_run(build_run(cfg, choices, ranks, device, out), started)
+        finally:
+            paths.release(out)  # the directory is free for the next command in this process (rank 0 held it)
+
+
+def train_run(run: Run, started: float) -> dict[str, Any]:
+    """Resume, fit and evaluate a built run; a finished one shows its results."""
+    state = resume(run)
+    if state.done(run.cfg) and (results := finished_results(run)) is not None:
+        return results
+    with tracking.tracked(run.cfg, run.out, command="train", continuing=bool(state.epoch or state.partial),
+                          enabled=run.ranks.is_main) as run.tracker:
+        fit(run, state)
+        return final_evaluation(run, state, started)
 
 
 if __name__ == "__main__":  # python -m advcli.train (and torchrun -m advcli.train): the same as advcli train

@@ -286,7 +286,7 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     images = data.load_split(dataset.name, "test", root=config.data_root(cfg.data.root), download=cfg.data.download,
                              **dataset.options)
     images = images.subset(slice(0, max(cfg.num_images, cfg.loss_examples))).to(device)
-    out = paths.output_dir(cfg)
+    out = paths.output_dir(cfg, exclusive=False)  # pictures only: they may go beside a run that trains
     settings = Settings(num_images=cfg.num_images, loss_examples=cfg.loss_examples, pgd_steps=cfg.pgd_steps,
                         restarts=cfg.restarts, large_eps=large_eps)
     arrays = draw_pictures(models, images, eps=eps, norm=norm, out=out, settings=settings,

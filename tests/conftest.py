@@ -58,6 +58,17 @@ def start_advcli(*args: str, cwd=None, env: dict[str, str] | None = None) -> sub
                             cwd=cwd or REPO, env=advcli_process_env(env))
 
 
+def hold_run_directory(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder`` as a run directory (as a live advcli train would), until it is killed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        ["python", "-c", "import sys, time; from pathlib import Path; from advcli import paths; "
+                         "paths.claim(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)", str(folder)],
+        stdout=subprocess.PIPE, text=True, env=advcli_process_env(None))
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
     """A run on the synthetic data that takes a few seconds on a CPU."""
     # a constant learning rate: tests that resume with more epochs need one that has not reached 0

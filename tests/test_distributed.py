@@ -152,3 +152,22 @@ def test_two_gloo_ranks_resumed_mid_run_draw_their_own_random_starts_and_end_as_
         torch.testing.assert_close(b["model"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
     metrics_a, metrics_b = (json.loads((d / "metrics.json").read_text()) for d in (unbroken, resumed))
     assert [e["train_loss"] for e in metrics_b["history"]] == pytest.approx([e["train_loss"] for e in metrics_a["history"]])
+
+
+def test_under_torchrun_rank_0_claims_the_run_directory_and_every_rank_leaves_on_a_refusal(tmp_path):
+    from conftest import hold_run_directory
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "advcli.train", *COMMON, "epochs=1", f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    holder = hold_run_directory(out)
+    try:
+        refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("advcli: error:")]
+    assert refused.returncode != 0 and len(errors) == 1 and f"process {holder.pid}" in errors[0], refused.stderr[-3000:]
+    run(command, tmp_path)  # the holder gone: both ranks train, rank 0 holding the directory
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2

@@ -58,17 +58,51 @@ def test_folder_info_holds_classes_and_the_training_splits_statistics(image_fold
 
 def test_cached_statistics_are_reused_and_renewed_when_the_data_changes(image_folder, monkeypatch):
     first = dataset_info("folder", path=str(image_folder), image_size=8)
-    monkeypatch.setattr(folder, "load_split", lambda *a, **k: pytest.fail("statistics computed again"))
+    monkeypatch.setattr(folder, "_read_split", lambda *a, **k: pytest.fail("statistics computed again"))
     assert dataset_info("folder", path=str(image_folder), image_size=8) == first
     monkeypatch.undo()
     Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(image_folder / "train" / "cat" / "white.png")
     assert dataset_info("folder", path=str(image_folder), image_size=8).mean > first.mean
 
 
-def test_splits_are_uint8_in_imagefolder_order_at_the_asked_size(image_folder):
-    test = load_split("folder", "test", root=None, path=str(image_folder), image_size=8, channels=1)
-    assert test.images.dtype == torch.uint8 and test.images.shape == (18, 1, 8, 8)
-    assert test.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+def test_splits_are_uint8_at_the_asked_size_in_a_seeded_shuffle_of_imagefolder_order(image_folder):
+    def split(name, seed):
+        return load_split("folder", name, root=None, path=str(image_folder), image_size=8, channels=1,
+                          shuffle_seed=seed)
+
+    in_order = split("test", None)  # ImageFolder's own order: class, then file name
+    assert in_order.images.dtype == torch.uint8 and in_order.images.shape == (18, 1, 8, 8)
+    assert in_order.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    shuffled = split("test", 0)
+    assert torch.equal(shuffled.images, split("test", 0).images)  # the same seed: the same order, every time
+    assert not torch.equal(shuffled.labels, split("test", 1).labels)
+    assert sorted(shuffled.labels.tolist()) == in_order.labels.tolist()  # the same images, reordered
+    assert load_split("folder", "test", root=None, path=str(image_folder), image_size=8).labels.tolist() == \
+        shuffled.labels.tolist()  # shuffle_seed=0 is the default
+
+
+def test_held_out_training_subset_and_evaluated_test_images_span_the_classes(tmp_path, image_folder):
+    from advcli import train as train_module
+
+    cfg = compose_config("train", tiny_overrides(tmp_path, "dataset=folder", f"dataset.path={image_folder}",
+                                                 "dataset.image_size=8", "data.val_size=3", "data.train_size=6",
+                                                 "evaluation.num_examples=6"))
+    train_set, val_set, test_set = train_module.load_data(cfg, train_module.check_settings(cfg), torch.device("cpu"))
+    for name, images in (("held-out", val_set), ("train_size", train_set), ("first test", test_set)):
+        assert len(set(images.labels.tolist())) >= 2, f"the {name} images are of one class: {images.labels.tolist()}"
+
+
+def test_a_folder_run_says_which_test_images_it_evaluated_and_resumes_exactly(tmp_path, image_folder):
+    overrides = ["dataset=folder", f"dataset.path={image_folder}", "dataset.image_size=8", "model=small_cnn",
+                 "batch_size=8", "data.val_size=3", "evaluation.num_examples=9", "evaluation.sanity.enabled=false"]
+    straight = train(compose_config("train", tiny_overrides(tmp_path / "straight", *overrides, "epochs=2")))
+    assert straight["num_test"] == 9 and "first 9" in straight["examples"]
+    assert "dataset.shuffle_seed=0" in straight["examples"]
+    train(compose_config("train", tiny_overrides(tmp_path / "resumed", *overrides, "epochs=1")))
+    resumed = train(compose_config("train", tiny_overrides(tmp_path / "resumed", *overrides, "epochs=2")))
+    assert resumed["history"] == [{**entry, "time_s": again["time_s"]}
+                                  for entry, again in zip(straight["history"], resumed["history"])]
+    assert resumed["test"] == straight["test"] and resumed["examples"] == straight["examples"]
 
 
 @pytest.mark.parametrize("problem,fragment", [("no_test", "has no test/ folder"), ("other_classes", "different class"),
@@ -111,7 +145,8 @@ def test_the_pictures_name_the_folders_classes(tmp_path, image_folder, monkeypat
     visualize_checkpoints(compose_config("viz", [f"ckpt={tmp_path / 'run' / 'checkpoint.pt'}", "device=cpu",
                                                  "num_images=4", "loss_examples=8", "pgd_steps=2", "restarts=1",
                                                  f"output_dir={tmp_path / 'viz'}"]))
-    assert any(title.startswith("true cat, said ") for title in titles), titles[:6]
+    named = [title for title in titles if title.startswith("true ")]
+    assert named and all(title.split(",")[0][len("true "):] in CLASSES for title in named), titles[:6]
 
 
 def test_a_folder_whose_classes_or_images_changed_is_not_scored_or_resumed_as_before(tmp_path, image_folder):
@@ -127,3 +162,19 @@ def test_a_folder_whose_classes_or_images_changed_is_not_scored_or_resumed_as_be
     with pytest.raises(CheckpointError, match="trained on the classes"):
         evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "evaluation=fast", "device=cpu",
                                                     "progress=false", f"output_dir={tmp_path / 'eval'}"]))
+
+
+def test_a_folder_run_of_an_advcli_before_the_shuffle_resumes_only_in_imagefolder_order(tmp_path, image_folder):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, "dataset=folder", f"dataset.path={image_folder}", "dataset.image_size=8",
+                               "batch_size=8", "data.val_size=3", "evaluation.sanity.enabled=false")
+    train(compose_config("train", [*overrides, "dataset.shuffle_seed=null"]))
+    older = checkpoint.load(run / "checkpoint.pt")  # as an advcli without dataset.shuffle_seed wrote it
+    del older["fingerprint"]["dataset.shuffle_seed"]
+    checkpoint.save(run / "checkpoint.pt", {k: v for k, v in older.items() if k not in ("format", "version")})
+    with pytest.raises(CheckpointError, match="dataset.shuffle_seed: None -> 0"):
+        train(compose_config("train", [*overrides, "epochs=2"]))
+    resumed = train(compose_config("train", [*overrides, "epochs=2", "dataset.shuffle_seed=null"]))
+    assert resumed["epochs_trained"] == 2 and "ImageFolder's order" in resumed["examples"]
+    with pytest.raises(DataError, match="dataset.shuffle_seed=-1"):
+        dataset_info("folder", path=str(image_folder), shuffle_seed=-1)

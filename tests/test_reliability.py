@@ -19,7 +19,7 @@ from advcli.checkpoint import CheckpointError
 from advcli.epoch import LrSchedule
 from advcli.errors import ConfigError, Interrupted, TrainingDiverged
 from advcli.train import train
-from conftest import compose_config, run_advcli, start_advcli, tiny_overrides
+from conftest import compose_config, hold_run_directory, run_advcli, start_advcli, tiny_overrides
 
 # about a second per epoch on 2 CPU cores: long enough to be stopped in the middle of epoch 2
 SLOW_TINY = ["dataset=synthetic", "dataset.num_train=4096", "model=cnn", "attack=pgd", "attack.steps=3", "epochs=3",
@@ -271,3 +271,76 @@ def test_a_run_directory_that_cannot_be_created(tmp_path):
     result = run_advcli("train", "dataset=synthetic", f"hydra.run.dir={blocker / 'run'}")
     assert result.returncode == 2 and "cannot be written" in result.stderr and "Traceback" not in result.stderr
     assert "hydra.run.dir=PATH" in result.stderr
+
+
+def interrupted_after_epoch_1(tmp_path, monkeypatch, *overrides: str) -> None:
+    """A run stopped by Ctrl-C during epoch 1's validation: its checkpoint holds epoch 1 of the planned ones."""
+    real_validate = train_module.validate
+
+    def validate_then_sigint(run):
+        found = real_validate(run)
+        signal.raise_signal(signal.SIGINT)
+        return found
+
+    monkeypatch.setattr(train_module, "validate", validate_then_sigint)
+    with pytest.raises(Interrupted):
+        train(compose_config("train", tiny_overrides(tmp_path, *overrides)))
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_fewer_epochs_on_resume_are_refused_for_a_schedule_that_depends_on_the_length(tmp_path, monkeypatch,
+                                                                                      schedule):
+    interrupted_after_epoch_1(tmp_path, monkeypatch, "epochs=3", f"lr_schedule={schedule}")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError) as error:  # it would end mid-schedule, yet be recorded as a 2-epoch run
+        train(compose_config("train", tiny_overrides(tmp_path, "epochs=2", f"lr_schedule={schedule}")))
+    message = str(error.value)
+    assert "epochs=2" in message and "planned for 3 epochs" in message and f"lr_schedule={schedule}" in message
+    assert "epochs=3" in message and "resume=never" in message and "\n" not in message
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / "metrics.json").exists()
+
+
+def test_fewer_epochs_on_resume_are_allowed_with_a_constant_learning_rate(tmp_path, monkeypatch):
+    interrupted_after_epoch_1(tmp_path, monkeypatch, "epochs=3")
+    shorter = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2")))
+    assert shorter["epochs"] == shorter["epochs_trained"] == 2
+
+
+def test_a_second_command_in_a_run_directory_held_by_a_live_process_is_refused_naming_it(tmp_path):
+    train(compose_config("train", tiny_overrides(tmp_path / "other")))
+    run = tmp_path / "run"
+    holder = hold_run_directory(run)
+    try:
+        from_shell = run_advcli("train", *[a for a in tiny_overrides(run) if not a.startswith("output_dir")],
+                                f"hydra.run.dir={run}")
+        errors = [line for line in from_shell.stderr.splitlines() if line.startswith("advcli: error:")]
+        assert from_shell.returncode == 2 and len(errors) == 1, from_shell.stderr
+        assert f"process {holder.pid} on " in errors[0] and "in use by another advcli process" in errors[0]
+        with pytest.raises(ConfigError) as in_process:  # past the command line's check: the lock itself
+            train(compose_config("train", tiny_overrides(run)))
+        assert f"process {holder.pid} on " in str(in_process.value) and "started 20" in str(in_process.value)
+        evaluated = run_advcli("eval", f"ckpt={tmp_path / 'other' / 'checkpoint.pt'}", f"output_dir={run}",
+                               "evaluation=fast", "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}")
+        assert evaluated.returncode == 2 and f"process {holder.pid}" in evaluated.stderr, evaluated.stderr
+        assert not (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: the holder cannot clean up; its lock goes with it
+        holder.wait()
+    assert (run / ".advcli-lock").is_file()
+    metrics = train(compose_config("train", tiny_overrides(run)))
+    assert metrics["epochs_trained"] == 1 and (run / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_started_again_while_it_still_trains_is_refused_and_the_first_one_finishes(tmp_path, uninterrupted):
+    first = start(tmp_path)
+    try:
+        wait_for_epoch(tmp_path, 1, first)
+        second = finish(tmp_path)
+        assert second.returncode == 2 and f"process {first.pid} on " in second.stderr, second.stderr
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr
+    same_run(json.loads((tmp_path / "metrics.json").read_text()), uninterrupted)

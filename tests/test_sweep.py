@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from advcli import checkpoint
-from conftest import run_advcli, start_advcli
+from conftest import hold_run_directory, run_advcli, start_advcli
 
 TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "epochs=1", "lr_schedule=constant", "device=cpu", "progress=false",
         "eps_warmup=0", "data.val_size=32", "evaluation.num_examples=64", "validation.attack.steps=2",
@@ -270,3 +270,23 @@ def test_a_summary_of_fast_evaluations_says_so(tmp_path):
     text = summary.write_summary(sweep.summarize([tmp_path]), tmp_path / "out")
     header = next(line for line in text.splitlines() if line.startswith("|"))
     assert "evaluation" in header  # mixed presets: a column, so no row passes for the other kind
+
+
+@pytest.mark.slow
+def test_a_job_whose_directory_a_live_process_holds_is_skipped_not_run_twice(tmp_path):
+    args = ["train", "-m", "eps=0.05,0.1", *TINY, f"hydra.sweep.dir={tmp_path}"]
+    held = tmp_path / "eps=0.1"  # the second job's folder, still held by the sweep's earlier launch
+    holder = hold_run_directory(held)
+    try:
+        result = run_advcli(*args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 0, result.stderr
+    assert f"job 1 skipped: The run directory {held} is in use" in result.stderr and f"process {holder.pid}" in result.stderr
+    assert not any((held / name).exists() for name in ("checkpoint.pt", "metrics.json", "failed.json"))
+    rows = read_csv(tmp_path / "summary.csv")
+    assert [(row["job"], row["status"]) for row in rows] == [("0", "ok"), ("1", "missing")]
+    again = run_advcli(*args)  # once the holder is gone the job runs; the finished one is only shown
+    assert again.returncode == 0, again.stderr
+    assert [row["status"] for row in read_csv(tmp_path / "summary.csv")] == ["ok", "ok"]

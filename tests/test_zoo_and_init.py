@@ -194,3 +194,48 @@ def test_init_from_a_robustbench_zoo_model_fine_tunes_it(tmp_path, planted_zoo, 
     assert metrics["init"] == {"kind": "robustbench", "name": PLANTED, "init": "robustbench", "head": "kept"}
     saved = checkpoint.load(tmp_path / "checkpoint.pt")
     assert torch.allclose(saved["model"]["net.model.conv.weight"], trained.conv.weight, atol=1e-6)  # lr ~ 0
+
+
+def class_folder(root, classes, per_class=6):
+    """An ImageFolder tree (train/ and test/) of 8x8 images, one folder per class name."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(len(classes))
+    for split in ("train", "test"):
+        for k, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(60 + 80 * k + rng.normal(0, 20, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def folder_spec(path):
+    cfg = compose_config("train", ["model=mlp", "model.normalize=none", "dataset=folder", f"dataset.path={path}"])
+    return sources.spec_from_config(cfg.model, dataset_info("folder", path=str(path), image_size=8))
+
+
+def test_init_gives_a_head_trained_on_other_class_names_a_new_one_even_when_its_shape_fits(tmp_path):
+    source_run = tmp_path / "ab-run"
+    train(compose_config("train", tiny_overrides(
+        source_run, "dataset=folder", f"dataset.path={class_folder(tmp_path / 'ab', ['a', 'b'])}",
+        "dataset.image_size=8", "model.normalize=none", "batch_size=8", "data.val_size=2",
+        "evaluation.sanity.enabled=false")))
+    trained = checkpoint.load(source_run / "checkpoint.pt")["model"]
+    spec = folder_spec(class_folder(tmp_path / "cd", ["c", "d"]))
+    model = checkpoint.build_from_spec(spec)
+    head = sources.head_keys(model.net.state_dict(), model.net)
+    record = sources.initialise(model, str(source_run / "checkpoint.pt"), "auto", spec, robustbench_dir="")
+    assert record["head"] == "reset" and record["classes"] == ["a", "b"]
+    for key, value in model.net.state_dict().items():
+        source_value = trained[f"net.{key}"]
+        assert value.shape == source_value.shape
+        assert (not torch.equal(value, source_value)) if key in head else torch.equal(value, source_value), key
+    with pytest.raises(ConfigError, match=r"init_head=keep: its last layer was trained on the classes \['a', 'b'\]"):
+        sources.initialise(checkpoint.build_from_spec(spec), str(source_run / "checkpoint.pt"), "keep", spec,
+                           robustbench_dir="")
+    same = folder_spec(class_folder(tmp_path / "ab-again", ["a", "b"]))
+    kept = sources.initialise(checkpoint.build_from_spec(same), str(source_run / "checkpoint.pt"), "auto", same,
+                              robustbench_dir="")
+    assert kept["head"] == "kept"
