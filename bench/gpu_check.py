@@ -316,7 +316,8 @@ def mnist_or_stand_in() -> tuple[list[str], str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=420, help="seconds for the whole check (default 420); a command that would overrun it is stopped")
+    parser.add_argument("--budget", type=float, default=420,
+                        help="seconds for the whole check (default 420); a command that would overrun it is stopped")
     parser.add_argument("--batches", type=int, default=48, help="timed batches per throughput variant")
     parser.add_argument("--chunk", type=int, default=8, help="batches a variant runs before the next takes its turn")
     parser.add_argument("--nccl-worker", action="store_true", help=argparse.SUPPRESS)  # the torchrun row's process
