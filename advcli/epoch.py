@@ -156,7 +156,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
     with runtime.autocast(x.device, opt.amp_dtype):
         found = objective.examples(model, x, y, eps)
     diff = awp.Perturbation()
-    if awp_gamma > 0:  # on the bare model: DDP reduces gradients only for backward(), and here one sum suffices
+    if awp_gamma > 0:  # on the bare model: DDP reduces gradients only in backward(); awp sums them over ranks
         diff = awp.perturbation(distributed.unwrap(model),
                                 lambda bare: opt.scaler.scale(batch_loss(bare, objective, found, opt, global_size)[1]),
                                 awp_gamma)
