@@ -110,10 +110,28 @@ def check_trainer(trainer_cfg: Any) -> None:
     """Check the training objective's own settings (`advcli.objectives`)."""
     if "beta" in trainer_cfg:
         require_between("trainer.beta", trainer_cfg.beta, 0, None,
-                        "TRADES weighs its KL term by beta: 6 in the paper, 1 keeps more clean accuracy.")
+                        "TRADES and MART weigh their KL term by beta: 6 in both papers on CIFAR-10; a smaller beta "
+                        "keeps more clean accuracy.")
     if "adv_weight" in trainer_cfg:
         require_between("trainer.adv_weight", trainer_cfg.adv_weight, 0, 1,
                         "It is the weight of the adversarial half of the loss; the clean half gets 1 - adv_weight.")
+
+
+def awp_settings(cfg: Any) -> tuple[float, float]:
+    """``(awp.gamma, awp.warmup)`` checked: adversarial weight perturbation's relative size (0: off) and the
+    epochs trained without it first (`advcli.awp`)."""
+    gamma = require_between("awp.gamma", cfg.awp.gamma, 0, None,
+                            "It is the size of the weight perturbation relative to each layer's weights: 0 turns "
+                            "it off; the paper uses 5e-3 (TRADES) to 1e-2 (PGD training).")
+    warmup = require_between("awp.warmup", cfg.awp.warmup, 0, None,
+                             "It is the number of epochs trained without the perturbation before it starts "
+                             "(0: from the first step).")
+    if gamma > 0 and warmup >= float(cfg.epochs):
+        raise ConfigError(
+            f"awp.warmup={cfg.awp.warmup} is not below epochs={cfg.epochs}: adversarial weight perturbation "
+            f"(awp.gamma={cfg.awp.gamma}) would never start, yet the run would be recorded as an AWP run. Lower "
+            "awp.warmup (the epochs trained without it first), raise epochs, or set awp.gamma=0 to train without it.")
+    return gamma, warmup
 
 
 def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -399,6 +417,7 @@ def check_training(cfg: Any) -> None:
     check_attack("attack", cfg.attack)
     check_attack("validation.attack", cfg.validation.attack)
     check_trainer(cfg.trainer)
+    awp_settings(cfg)
 
 
 # --- what a run is: the settings that define it ------------------------------------------------------
@@ -451,7 +470,8 @@ def fingerprint_id(settings: Mapping[str, Any]) -> str:
 
 # Settings added after runs were checkpointed without them, with the value that reproduces what those runs did:
 # an old run continues under its defaults, and under nothing else.
-ADDED_LATER = {"model.normalize": "dataset", "init": None, "init_head": "auto", "dataset.shuffle_seed": None}
+ADDED_LATER = {"model.normalize": "dataset", "init": None, "init_head": "auto", "dataset.shuffle_seed": None,
+               "awp.gamma": 0.0, "awp.warmup": 0}
 
 
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

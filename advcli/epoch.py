@@ -2,9 +2,10 @@
 learning-rate schedule. No config, no files: `advcli.train` builds the pieces and calls these.
 
 A step runs the objective (its attack, then the loss on the attack's output; `advcli.objectives`), and the
-optimiser takes one step on the mean loss over the (global) batch. Metrics accumulate on the device; the
-host reads them only every ``log_every`` batches (progress bar and divergence check), so a step never waits
-on a sync.
+optimiser takes one step on the mean loss over the (global) batch; with adversarial weight perturbation
+(``awp.gamma``, `advcli.awp`) that loss's gradient is taken at weights pushed up the loss. Metrics accumulate
+on the device; the host reads them only every ``log_every`` batches (progress bar and divergence check), so a
+step never waits on a sync.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from advcli import distributed, runtime
+from advcli import awp, distributed, runtime
 from advcli.errors import TrainingDiverged
-from advcli.objectives import Step
-
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], Step]
+from advcli.objectives import Examples, Objective, Step
 
 
 # --- the learning rate, per optimiser step ---------------------------------------------------------
@@ -100,8 +99,9 @@ class EpochPlan:
 
     With ``warmup_steps`` the eps grows linearly from 0 to ``eps`` over that many optimiser steps
     (``steps_before`` were taken before this epoch): at a large eps (0.3 on MNIST) a model trained at full
-    strength from the first step often never leaves chance accuracy. Under torchrun ``global_batch_size(k)``
-    says how many examples global batch k (from 1) holds over all ranks.
+    strength from the first step often never leaves chance accuracy. With ``awp_gamma`` > 0 the steps after
+    the first ``awp_warmup_steps`` (of the whole run) use adversarial weight perturbation of that size. Under
+    torchrun ``global_batch_size(k)`` says how many examples global batch k (from 1) holds over all ranks.
     """
 
     eps: float
@@ -110,6 +110,8 @@ class EpochPlan:
     warmup_steps: int = 0
     steps_before: int = 0
     attack_mode: str = "train"
+    awp_gamma: float = 0.0
+    awp_warmup_steps: int = 0
     global_batch_size: Callable[[int], int] | None = None
     progress_bar: bool = True
     log_every: int = 20
@@ -119,6 +121,10 @@ class EpochPlan:
         if not self.warmup_steps:
             return self.eps
         return self.eps * min(1.0, (self.steps_before + batch) / self.warmup_steps)
+
+    def awp_gamma_at(self, batch: int) -> float:
+        """AWP's gamma for batch ``batch`` (from 1) of this epoch: 0 until the warm-up is over."""
+        return self.awp_gamma if self.steps_before + batch > self.awp_warmup_steps else 0.0
 
 
 @dataclass
@@ -141,19 +147,37 @@ class EpochProgress:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, opt: Optimisation, *,
-               eps: float, global_size: int | None = None) -> Step:
-    """One optimiser step on the objective's per-example losses (their mean over the global batch)."""
+               eps: float, global_size: int | None = None, awp_gamma: float = 0.0) -> Step:
+    """One optimiser step on the objective's per-example losses (their mean over the global batch).
+
+    With ``awp_gamma`` > 0 the gradient is taken at the weights perturbed by `advcli.awp.perturbation` (found
+    from the same loss on the same adversarial examples), and the optimiser applies it to the weights themselves.
+    """
     with runtime.autocast(x.device, opt.amp_dtype):
-        step = objective(model, x, y, eps)
-    loss = distributed.batch_mean(step.loss, global_size)
-    opt.optimizer.zero_grad(set_to_none=True)
-    opt.scaler.scale(loss).backward()
-    opt.scaler.step(opt.optimizer)
+        found = objective.examples(model, x, y, eps)
+    diff = awp.Perturbation()
+    if awp_gamma > 0:  # on the bare model: DDP reduces gradients only in backward(); awp sums them over ranks
+        diff = awp.perturbation(distributed.unwrap(model),
+                                lambda bare: opt.scaler.scale(batch_loss(bare, objective, found, opt, global_size)[1]),
+                                awp_gamma)
+    with awp.perturbed(diff):
+        step, loss = batch_loss(model, objective, found, opt, global_size)
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+    opt.scaler.step(opt.optimizer)  # the weights are restored: the step from w with the gradient at w + v
     opt.scaler.update()
     opt.scheduler.step()
     if opt.ema is not None:
         opt.ema.update_parameters(model)
     return step
+
+
+def batch_loss(model: nn.Module, objective: Objective, found: Examples, opt: Optimisation,
+               global_size: int | None) -> tuple[Step, torch.Tensor]:
+    """The objective's loss on ``found`` under the run's autocast: the step, and the loss to back-propagate."""
+    with runtime.autocast(found.x.device, opt.amp_dtype):
+        step = objective.loss(model, found)
+    return step, distributed.batch_mean(step.loss, global_size)
 
 
 @dataclass
@@ -210,7 +234,9 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
         if plan.attack_mode == "eval":
             model.eval()  # BatchNorm uses running statistics while the attack searches; the objective trains after
         size = plan.global_batch_size(batch) if plan.global_batch_size else None
-        totals.add(train_step(model, x, y, objective, opt, eps=plan.eps_at(batch), global_size=size), batch, len(y))
+        step = train_step(model, x, y, objective, opt, eps=plan.eps_at(batch), global_size=size,
+                          awp_gamma=plan.awp_gamma_at(batch))
+        totals.add(step, batch, len(y))
         if batch % plan.log_every == 0 or batch == plan.total:
             _check_finite(totals, plan, opt)
             loss = totals.loss_sum.item() / max(state.seen + totals.seen, 1)

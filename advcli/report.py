@@ -152,6 +152,9 @@ def training_results(metrics: Mapping[str, Any]) -> str:
     how += f" for {metrics['epochs_trained']} epoch(s)"
     if metrics.get("ema_decay") is not None:
         how += f", evaluated as the EMA of its weights (decay {metrics['ema_decay']})"
+    if metrics.get("awp_gamma"):
+        how += f", with adversarial weight perturbation (gamma {metrics['awp_gamma']:g}"
+        how += f" after {metrics['awp_warmup']:g} epoch(s))" if metrics.get("awp_warmup") else ")"
     sanity = f"{sanity_table(metrics['sanity'])}\n" if metrics.get("sanity") else ""
     table = results_table(metrics["test"], eps=metrics["eps"], norm=metrics["norm"], n=metrics.get("num_test"),
                           cascade=metrics.get("cascade"))

@@ -124,9 +124,11 @@ class Run:
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
         cfg, size = self.cfg, len(self.train_set)
+        awp_gamma, awp_warmup = config.awp_settings(cfg)
         return EpochPlan(eps=self.choices.settings.eps, epoch=epoch, total=self.steps_per_epoch,
                          warmup_steps=round(float(cfg.eps_warmup) * self.steps_per_epoch),
                          steps_before=(epoch - 1) * self.steps_per_epoch, attack_mode=self.choices.attack_mode,
+                         awp_gamma=awp_gamma, awp_warmup_steps=round(awp_warmup * self.steps_per_epoch),
                          global_batch_size=lambda k: min(cfg.batch_size, size - (k - 1) * cfg.batch_size),
                          progress_bar=cfg.progress and self.ranks.is_main, log_every=cfg.log_every,
                          on_sync=self.tracker.on_batches(epoch, self.steps_per_epoch) if cfg.log_batches else None)
@@ -366,6 +368,7 @@ def guard(run: Run, state: TrainingState) -> bool:
 def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str, Any]:
     """The final model on the test set against every evaluation attack; metrics.json, the table, the curves."""
     cfg, s, c = run.cfg, run.choices.settings, run.choices
+    awp_gamma, awp_warmup = config.awp_settings(cfg)
     warning = never_robust(state.history, c.attack_name, adversarial_class=run.adversarial_class)
     eval_start = time.perf_counter()
     settings = eval_settings(cfg.evaluation, s, amp_dtype=run.eval_amp_dtype, channels_last=run.channels_last,
@@ -375,11 +378,13 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
     train_time = sum(entry["time_s"] for entry in state.history)
     metrics = {
         "command": "train", "dataset": c.dataset.name, "model": run.spec["name"], "trainer": c.trainer_name,
-        "attack": c.attack_name, "attack_settings": training_attack_settings(cfg), "eps": s.eps, "eps_text": s.eps_text,
+        "attack": c.attack_name, "attack_settings": settings_of(cfg.attack),
+        "trainer_settings": settings_of(cfg.trainer), "eps": s.eps, "eps_text": s.eps_text,
         "eps_255": s.eps * 255, "norm": s.norm, "restarts": s.restarts, "epochs": cfg.epochs,
         "epochs_trained": state.epoch, "seed": cfg.seed, "num_train": len(run.train_set), "num_test": len(run.test_set),
         "examples": examples_used(run),
         "ema_decay": cfg.ema.decay,  # not null: the results are the EMA of the weights'
+        "awp_gamma": awp_gamma, "awp_warmup": awp_warmup,  # adversarial weight perturbation (gamma 0: off)
         "init": run.started_from,    # not null: fine-tuned from these weights
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
         "train_time_s": train_time,
@@ -408,9 +413,9 @@ def examples_used(run: Run) -> str:
             f"{order}")
 
 
-def training_attack_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The training attack's hyper-parameters as plain data (its name is recorded beside them)."""
-    return {k: v for k, v in config.plain(cfg.attack).items() if not k.startswith("_") and k != "name"}
+def settings_of(node: Any) -> dict[str, Any]:
+    """An attack's or objective's hyper-parameters as plain data (its name is recorded beside them)."""
+    return {k: v for k, v in config.plain(node).items() if not k.startswith("_") and k != "name"}
 
 
 def write_report(run: Run, metrics: dict[str, Any]) -> None:

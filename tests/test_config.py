@@ -67,6 +67,7 @@ DOCUMENTED_CHOICES = {
     "evaluation": {"default": {"cascade": True}, "fast": {"cascade": False}, "autoattack": {"cascade": False}},
     "trainer": {"standard": {"_target_": "advcli.objectives.MinMax"},
                 "trades": {"_target_": "advcli.objectives.Trades"},
+                "mart": {"_target_": "advcli.objectives.Mart", "beta": 6.0},
                 "adv_class": {"_target_": "advcli.objectives.AdversarialClass"}},
     "optimizer": {"adam": {"_target_": "torch.optim.Adam"}, "sgd": {"_target_": "torch.optim.SGD"}},
 }
@@ -95,7 +96,11 @@ def test_data_root_follows_the_environment(monkeypatch, tmp_path):
                                           ("lr_peak=1", "lr_peak"), ("lr_peak=0", "lr_peak"),
                                           ("trainer=trades trainer.beta=-1", "trainer.beta"),
                                           ("trainer=trades trainer.beta=abc", "trainer.beta"),
-                                          ("trainer=adv_class trainer.adv_weight=2", "trainer.adv_weight")])
+                                          ("trainer=adv_class trainer.adv_weight=2", "trainer.adv_weight"),
+                                          ("trainer=mart trainer.beta=-1", "trainer.beta"),
+                                          ("awp.gamma=-0.01", "awp.gamma"), ("awp.gamma=abc", "awp.gamma"),
+                                          ("awp.warmup=-1", "awp.warmup"),
+                                          ("awp.gamma=0.005 awp.warmup=7 epochs=7", "awp.warmup")])
 def test_bad_values_are_refused_by_name(override, key):
     cfg = compose_config("train", override.split())
     with pytest.raises(ConfigError) as error:

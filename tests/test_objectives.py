@@ -1,16 +1,18 @@
-"""Training objectives (trainer=standard | trades | adv_class) and the evaluation of a model with an
+"""Training objectives (trainer=standard | trades | mart | adv_class) and the evaluation of a model with an
 "adversarial input" output."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from advcli import attacks, checkpoint, objectives
+from advcli.errors import ConfigError
 from advcli.evaluate import evaluate_checkpoint
 from advcli.train import train
 from conftest import compose_config, tiny_overrides
@@ -58,6 +60,75 @@ def test_trades_training_runs_and_its_loss_decreases(tmp_path):
     assert metrics["trainer"] == "trades"
     assert losses[-1] < 0.8 * losses[0]
     assert metrics["test"]["clean"]["acc"] > 0.7
+
+
+# --- MART --------------------------------------------------------------------------------------------
+
+
+class LogitsAreInputs(torch.nn.Module):
+    """A "model" whose outputs are its inputs (flattened), so that a loss can be fed fixed logits."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def mart_by_hand(clean: list[float], adv: list[float], y: int, beta: float) -> float:
+    """The paper's per-example loss written out in float64: BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x))."""
+    p_clean = torch.tensor(clean, dtype=torch.float64).softmax(0).tolist()
+    p_adv = torch.tensor(adv, dtype=torch.float64).softmax(0).tolist()
+    strongest_wrong = max(p for k, p in enumerate(p_adv) if k != y)
+    bce = -math.log(p_adv[y]) - math.log(1 - strongest_wrong)
+    kl = sum(pc * (math.log(pc) - math.log(pa)) for pc, pa in zip(p_clean, p_adv))
+    return bce + beta * kl * (1 - p_clean[y])
+
+
+def test_mart_loss_is_the_papers_formula_on_fixed_logits():
+    clean = [[2.0, 0.5, -1.0, 0.0],   # right, confident: the KL term weighs little
+             [0.1, 1.5, 0.3, -0.4],   # wrong (class 1 over class 0): the KL term weighs most
+             [0.0, 0.0, 0.0, 0.0],    # undecided
+             [8.0, -3.0, 1.0, 2.5]]
+    adv = [[0.5, 1.0, -0.5, 0.2],     # the attack won: a wrong class on top
+           [0.2, 2.5, 0.1, -1.0],
+           [1.0, -1.0, 3.0, 0.0],
+           [9.0, -2.0, 15.0, 0.0]]    # the strongest wrong class takes nearly all the probability
+    y = torch.tensor([0, 0, 2, 0])
+    found = objectives.Examples(torch.tensor(clean), torch.tensor(adv), y)
+    for beta in (0.0, 6.0, 2.5):
+        step = objectives.Mart(beta=beta).loss(LogitsAreInputs(), found)
+        expected = [mart_by_hand(c, a, int(t), beta) for c, a, t in zip(clean, adv, y)]
+        torch.testing.assert_close(step.loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        assert torch.equal(step.logits, found.x_adv)  # training accuracy on x'
+    assert torch.isfinite(objectives.boosted_cross_entropy(torch.tensor([[0.0, 200.0, -5.0]]), torch.tensor([0]))).all()
+    with pytest.raises(ValueError, match="beta"):
+        objectives.Mart(beta=-1.0)
+
+
+def test_mart_attacks_the_cross_entropy_of_the_true_labels_in_eval_mode(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    seen = {}
+
+    def record(model, x_in, target, eps, **kwargs):
+        seen.update(target=target, kwargs=kwargs)
+        return attacks.pgd(model, x_in, target, eps, steps=2)
+
+    step = objectives.Mart(record, beta=6.0)(tiny_model, x, y, 0.1)
+    assert torch.equal(seen["target"], y) and seen["kwargs"] == {}  # the attack config's own loss and start
+    assert objectives.Mart.attack_mode == "eval" and objectives.Mart.needs_attack
+    assert step.loss.shape == y.shape and torch.isfinite(step.loss).all()
+
+
+def test_mart_training_runs_end_to_end(tmp_path):
+    from advcli.train import check_settings
+
+    overrides = tiny_overrides(tmp_path, "trainer=mart", "epochs=2", "lr=3e-3", "evaluation.sanity.enabled=false")
+    assert check_settings(compose_config("train", overrides)).attack_mode == "eval"
+    metrics = train(compose_config("train", overrides))
+    losses = [entry["train_loss"] for entry in metrics["history"]]
+    print("MART train loss per epoch", losses, "clean", metrics["test"]["clean"]["acc"])
+    assert metrics["trainer"] == "mart" and metrics["trainer_settings"] == {"beta": 6.0}
+    assert losses[-1] < losses[0] and metrics["test"]["clean"]["acc"] > 0.5
+    with pytest.raises(ConfigError, match="attack=none"):
+        train(compose_config("train", tiny_overrides(tmp_path, "trainer=mart", "attack=none")))
 
 
 # --- adversarial-input class ------------------------------------------------------------------------
