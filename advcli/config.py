@@ -422,7 +422,7 @@ def fingerprint_id(settings: Mapping[str, Any]) -> str:
 
 # Settings added after runs were checkpointed without them, with the value that reproduces what those runs did:
 # an old run continues under its defaults, and under nothing else.
-ADDED_LATER = {"model.normalize": "dataset", "init": None, "init_head": "auto"}
+ADDED_LATER = {"model.normalize": "dataset", "init": None, "init_head": "auto", "weights_key": None}
 
 
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
