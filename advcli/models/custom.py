@@ -160,9 +160,8 @@ def check_outputs(net: nn.Module, target: str, *, in_channels: int, image_size: 
     if torch.is_tensor(out) and tuple(out.shape) == (2, num_outputs):
         return
     got = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
-    how = ("its constructor takes num_classes, and it was given num_classes=" f"{num_outputs}" if settable else
-           "its constructor has no num_classes parameter, so advcli cannot set how many outputs it makes: add "
-           "num_classes to its __init__, or use it with a dataset and trainer of that many outputs")
-    raise ConfigError(
-        f"{target} returns {got} for a batch of 2 images, but this run needs (2, {num_outputs}): one logit per class "
-        f"(trainer=adv_class adds one for 'adversarial input'). {how[0].upper()}{how[1:]}.")
+    how = (f"It was given num_classes={num_outputs}: make its last layer return that many logits (a single tensor)."
+           if settable else "Its constructor has no num_classes parameter, so advcli cannot set how many outputs it "
+           "makes: add num_classes to its __init__, or use it with a dataset and trainer of that many outputs.")
+    raise ConfigError(f"{target} returns {got} for a batch of 2 images, but this run needs (2, {num_outputs}): one "
+                      f"logit per class (trainer=adv_class adds one for 'adversarial input'). {how}")
