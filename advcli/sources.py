@@ -55,7 +55,11 @@ def spec_from_config(model_cfg: Any, info: data.DatasetInfo, *, adversarial_clas
     """The model spec of a ``model`` config (its ``name``, architecture options and ``normalize``; for a model of
     one's own its ``_target_``, whose constructor's arguments the spec records) on a dataset."""
     options = model_options(model_cfg)
-    name, choice, target = options.pop("name"), options.pop("normalize", "dataset"), options.pop("_target_", None)
+    choice, target = options.pop("normalize", "dataset"), options.pop("_target_", None)
+    name = options.pop("name", None) or target  # a config file of one's own may leave the name out
+    if name is None:
+        raise ConfigError(f"The model config {options} names no model: give model=NAME (configs/model/), or a class "
+                          "of your own with model=custom model._target_=PACKAGE.MODULE.CLASS.")
     if name == "robustbench":
         options.setdefault("zoo_dataset", info.name)
     mean, std = normalization(choice, info)
@@ -184,8 +188,9 @@ def eval_payload(cfg: Any) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{' and '.join(given)} are both given; pass one model: ckpt=, weights= or robustbench=.")
     if given == ["ckpt"]:
         if cfg.get("dataset") is not None:
-            raise ConfigError("model= and dataset= come from the checkpoint with ckpt=PATH (it rebuilds its own "
-                              "model on its own data); leave them out, or use weights=PATH for a plain state_dict.")
+            raise ConfigError("dataset= comes from the checkpoint with ckpt=PATH (it rebuilds its own model on its "
+                              "own data); leave it out, or use weights=PATH model=NAME dataset=NAME for a plain "
+                              "state_dict.")
         return with_class(checkpoint.load(cfg.ckpt), cfg.get("model"), str(cfg.ckpt)), str(cfg.ckpt)
     if given == ["robustbench"] and cfg.get("model") is not None:
         raise ConfigError("model= is not used with robustbench=: the zoo model brings its own architecture and "
@@ -290,7 +295,7 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str,
                 "another scale. Pass the same normalisation (model.normalize=none, or "
                 f"model.normalize={{mean:{other['mean']},std:{other['std']}}}).")
         chosen = key or "model"  # the model the run evaluated: with ema.decay, the average
-        if not isinstance(payload.get(chosen), Mapping) or chosen == "model_spec":
+        if chosen not in ("model", "train_model") or chosen not in payload:
             raise ConfigError(f"weights_key={key}: init={init} is an advcli checkpoint, whose weights are 'model' (what "
                               "its run evaluated: with ema.decay the average) and, for an EMA run, 'train_model'.")
         state = {k[len("net."):]: v for k, v in payload[chosen].items() if k.startswith("net.")}
