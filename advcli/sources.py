@@ -2,7 +2,8 @@
 RobustBench's zoo (``robustbench=``); and how a run's model is specified from its config (`spec_from_config`).
 
 Every source becomes the same thing, an advcli checkpoint payload (`advcli.checkpoint`): a model spec that
-rebuilds the architecture from advcli's registry, its weights, and the settings it is evaluated with. So
+rebuilds the architecture (from advcli's registry, or a class of one's own by its import path, ``model._target_``:
+`advcli.models.custom`), its weights, and the settings it is evaluated with. So
 ``advcli eval`` runs the same code for all three, ``save_checkpoint=PATH`` (``advcli import``) writes any of them
 as a checkpoint that sweeps, ``viz`` and later evaluations load, and ``advcli train init=`` starts from any.
 """
