@@ -177,6 +177,17 @@ def test_a_checkpoint_whose_class_was_renamed_is_refused_in_one_paragraph(traine
     assert renamed["test"] == trained[1]["test"]
 
 
+def test_a_checkpoint_naming_a_callable_that_is_not_a_module_class_is_refused_without_calling_it(trained, tmp_path):
+    payload = checkpoint.load(trained[0])
+    planted = tmp_path / "planted.pt"
+    spec = {**payload["model_spec"], "target": "os.system", "arguments": {"command": f"touch {tmp_path / 'ran'}"}}
+    checkpoint.save(planted, {**payload, "model_spec": spec})
+    with pytest.raises(ConfigError, match=r"os.system \(recorded in .*planted.pt\) is a builtin_function_or_method, "
+                                          "not a subclass of torch.nn.Module"):
+        checkpoint.rebuild_model(checkpoint.load(planted), planted)
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_model_config_of_ones_own_trains_from_the_shell_and_a_missing_module_is_one_paragraph(tmp_path):
     code, conf = tmp_path / "code", tmp_path / "conf" / "model"
     code.mkdir()

@@ -1,4 +1,4 @@
-"""Architectures advcli does not ship: a class (or a function returning an ``nn.Module``) named by its import path,
+"""Architectures advcli does not ship: an ``nn.Module`` class named by its import path,
 ``model._target_=mypkg.nets.WideNet``, built behind advcli's ``Normalize`` like a built-in.
 
 The class gets advcli's shape arguments (``in_channels``, ``image_size``, ``num_classes``) where its signature
@@ -8,7 +8,9 @@ records it (``target`` and ``arguments`` in its model spec), so that a later ``a
 
 Trust: a checkpoint stays data. Rebuilding its model imports the recorded module the ordinary way, from the
 user's environment (installed packages, ``PYTHONPATH``), never from the checkpoint's folder; advcli logs the class
-before importing it, and ``model._target_=`` on the command line overrides it.
+before importing it, and ``model._target_=`` on the command line overrides it. Only ``nn.Module`` subclasses (and
+advcli's own model factories, `FACTORIES`) are called, so that a checkpoint cannot name any other callable of
+the environment (``os.system``) with arguments of its choosing.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ log = logging.getLogger(__name__)
 
 # what advcli itself gives a model, where the constructor takes it
 SHAPE_ARGS = ("in_channels", "image_size", "num_classes")
+# functions of advcli's own that return a model: the only targets that are not nn.Module classes
+FACTORIES = ("advcli.models.timm_net.timm_model",)
 
 _FIX_IMPORT = ("Install the package that defines it, or put the folder holding its module on PYTHONPATH (e.g. "
                "PYTHONPATH=~/code advcli ...)")
 
 
 def import_target(target: str, *, where: str | None = None) -> Callable[..., nn.Module]:
-    """The class (or factory) at ``target`` ("package.module.Class"), imported from the user's environment.
-    ``where``: the checkpoint that recorded it (None: the command line's ``model._target_``), for messages."""
+    """The ``nn.Module`` class at ``target`` ("package.module.Class"; or one of advcli's `FACTORIES`), imported from
+    the user's environment. ``where``: the checkpoint that recorded it (None: the command line's
+    ``model._target_``), for messages."""
     module_name, _, attribute = str(target).rpartition(".")
     if not module_name:
         raise ConfigError(f"model._target_={target} is not an import path: name the class with its module, e.g. "
@@ -47,10 +52,15 @@ def import_target(target: str, *, where: str | None = None) -> Callable[..., nn.
         found = getattr(importlib.import_module(module_name), attribute)
     except Exception as error:  # the user's module: missing, renamed, or failing at import for its own reasons
         raise ConfigError(_not_importable(target, where, error)) from error
-    if not callable(found):
-        raise ConfigError(f"model._target_={target} is a {type(found).__name__}, not a class: name an nn.Module "
-                          "class (or a function that returns one).")
+    if not (inspect.isclass(found) and issubclass(found, nn.Module)) and target not in FACTORIES:
+        recorded = f" (recorded in {where})" if where is not None else ""
+        raise ConfigError(f"model._target_={target}{recorded} is {_what(found)}, not a subclass of torch.nn.Module: "
+                          "advcli builds models only from nn.Module classes. Name the network's class.")
     return found
+
+
+def _what(found: Any) -> str:
+    return f"the class {found.__name__}" if inspect.isclass(found) else f"a {type(found).__name__}"
 
 
 def _not_importable(target: str, where: str | None, error: Exception) -> str:
