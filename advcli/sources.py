@@ -297,8 +297,9 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str,
                 f"model.normalize={{mean:{other['mean']},std:{other['std']}}}).")
         chosen = key or "model"  # the model the run evaluated: with ema.decay, the average
         if chosen not in ("model", "train_model") or chosen not in payload:
-            raise ConfigError(f"weights_key={key}: init={init} is an advcli checkpoint, whose weights are 'model' (what "
-                              "its run evaluated: with ema.decay the average) and, for an EMA run, 'train_model'.")
+            raise ConfigError(f"weights_key={key}: init={init} is an advcli checkpoint, whose weights are 'model' "
+                              "(what its run evaluated: with ema.decay the average) and, for an EMA run, "
+                              "'train_model'.")
         state = {k[len("net."):]: v for k, v in payload[chosen].items() if k.startswith("net.")}
         return state, {**record, "kind": "checkpoint", "weights_key": chosen}
     state, chosen = weights.choose_state_dict(loaded, path, setting="init", key=key)

@@ -76,8 +76,8 @@ def choose_state_dict(loaded: Any, path: str | Path, *, setting: str = "weights"
             f"{setting}={path} holds several state_dicts: {listed}. advcli will not guess which one is the model (an "
             "EMA of the weights and the trained weights themselves differ, and so do their results); choose with "
             f"weights_key=NAME, e.g. weights_key={candidates[-1]}. The choice is recorded with the results."
-            + (" (It is an advcli checkpoint: evaluate it with ckpt=PATH.)" if loaded.get("format") == "advcli-checkpoint"
-               else ""))
+            + (" (It is an advcli checkpoint: evaluate it with ckpt=PATH.)"
+               if loaded.get("format") == "advcli-checkpoint" else ""))
     raise CheckpointError(
         f"{setting}={path} is not a state_dict: advcli expects a dict of tensor names to tensors (what "
         "model.state_dict() returns), possibly under a key such as 'state_dict' or 'model'"

@@ -68,7 +68,7 @@ def _not_importable(target: str, where: str | None, error: Exception) -> str:
     if where is None:
         return (f"model._target_={target} cannot be imported ({reason}). {_FIX_IMPORT}, and check the spelling of "
                 "the path (package.module.Class).")
-    return (f"Checkpoint {where} was trained with the class {target}, which cannot be imported here ({reason}): "
+    return (f"Checkpoint {where} records its model as the class {target}, which cannot be imported here ({reason}): "
             f"advcli rebuilds a model of your own by importing the class its checkpoint records. {_FIX_IMPORT}; "
             "or, if the class was moved or renamed, pass its new path to rebuild the model with it: "
             "model=custom model._target_=PACKAGE.MODULE.CLASS (a class taking the same arguments, with the same "
@@ -120,8 +120,8 @@ def _check_call(factory: Callable[..., nn.Module], target: str, arguments: Mappi
                 f"{takes}. advcli passes {', '.join(SHAPE_ARGS)} where the constructor names them, and every other "
                 "key of the model config (add one with +model.KEY=VALUE, drop one with ~model.KEY).") from None
         raise ConfigError(
-            f"Checkpoint {where} was trained with {target}{_call(arguments)}, and that class's constructor now takes "
-            f"{takes} ({error}). Use the version of the code the checkpoint was trained with, or rebuild the model "
+            f"Checkpoint {where} records its model as {target}{_call(arguments)}, and that class's constructor now "
+            f"takes {takes} ({error}). Use the version of the code the checkpoint was trained with, or rebuild the model "
             "with a class that takes these arguments: model=custom model._target_=PACKAGE.MODULE.CLASS.") from None
 
 
@@ -141,8 +141,9 @@ def build_custom_model(target: str, arguments: Mapping[str, Any], *, in_channels
     try:
         net = factory(**arguments)
     except Exception as error:  # the user's constructor refusing its arguments, in its own words
-        raise ConfigError(f"{target}{_call(arguments)} failed: {' '.join(str(error).split())[:300] or type(error).__name__}"
-                          f" ({type(error).__name__}). Check the model options (model.KEY=VALUE).") from error
+        reason = " ".join(str(error).split())[:300] or "no message"
+        raise ConfigError(f"{target}{_call(arguments)} failed: {reason} ({type(error).__name__}). Check the model "
+                          "options (model.KEY=VALUE).") from error
     if not isinstance(net, nn.Module):
         raise ConfigError(f"model._target_={target} returned a {type(net).__name__}, not an nn.Module.")
     check_outputs(net, target, in_channels=in_channels, image_size=image_size, num_outputs=num_outputs,
