@@ -471,7 +471,7 @@ def fingerprint_id(settings: Mapping[str, Any]) -> str:
 # Settings added after runs were checkpointed without them, with the value that reproduces what those runs did:
 # an old run continues under its defaults, and under nothing else.
 ADDED_LATER = {"model.normalize": "dataset", "init": None, "init_head": "auto", "dataset.shuffle_seed": None,
-               "awp.gamma": 0.0, "awp.warmup": 0}
+               "awp.gamma": 0.0, "awp.warmup": 0, "weights_key": None}
 
 
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

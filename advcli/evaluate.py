@@ -367,9 +367,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     job = check_eval_settings(cfg)
     with distributed.joined(runtime.resolve_device(cfg.device)) as (ranks, device):
         out = distributed.same_on_all_ranks(paths.output_dir(cfg) if ranks.is_main else None)
+        rebuilt = checkpoint.rebuild_model(job.payload, job.where, recorded=cfg.get("ckpt") is not None)
         dataset, images = load_examples(job, device)
-        model, channels_last = runtime.prepare_model(checkpoint.rebuild_model(job.payload, job.where), device,
-                                                     cfg.channels_last)
+        model, channels_last = runtime.prepare_model(rebuilt, device, cfg.channels_last)
         if cfg.save_checkpoint is not None and ranks.is_main:
             sources.save_imported(job.payload, cfg.save_checkpoint)
         amp_dtype = runtime.resolve_amp(cfg.evaluation.amp, device)

@@ -2,7 +2,8 @@
 RobustBench's zoo (``robustbench=``); and how a run's model is specified from its config (`spec_from_config`).
 
 Every source becomes the same thing, an advcli checkpoint payload (`advcli.checkpoint`): a model spec that
-rebuilds the architecture from advcli's registry, its weights, and the settings it is evaluated with. So
+rebuilds the architecture (from advcli's registry, or a class of one's own by its import path, ``model._target_``:
+`advcli.models.custom`), its weights, and the settings it is evaluated with. So
 ``advcli eval`` runs the same code for all three, ``save_checkpoint=PATH`` (``advcli import``) writes any of them
 as a checkpoint that sweeps, ``viz`` and later evaluations load, and ``advcli train init=`` starts from any.
 """
@@ -16,8 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from omegaconf import OmegaConf
+
 from advcli import checkpoint, config, data, weights, zoo
 from advcli.errors import CheckpointError, ConfigError
+from advcli.models import custom
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +53,66 @@ def _numbers(values: Any, count: int) -> bool:
 
 
 def spec_from_config(model_cfg: Any, info: data.DatasetInfo, *, adversarial_class: bool = False) -> dict[str, Any]:
-    """The model spec of a ``model`` config (its ``name``, architecture options and ``normalize``) on a dataset."""
-    options = config.plain(model_cfg)
-    name, choice = options.pop("name"), options.pop("normalize", "dataset")
+    """The model spec of a ``model`` config (its ``name``, architecture options and ``normalize``; for a model of
+    one's own its ``_target_``, whose constructor's arguments the spec records) on a dataset."""
+    options = model_options(model_cfg)
+    choice, target = options.pop("normalize", "dataset"), options.pop("_target_", None)
+    name = options.pop("name", None) or target  # a config file of one's own may leave the name out
+    if name is None:
+        raise ConfigError(f"The model config {options} names no model: give model=NAME (configs/model/), or a class "
+                          "of your own with model=custom model._target_=PACKAGE.MODULE.CLASS.")
     if name == "robustbench":
         options.setdefault("zoo_dataset", info.name)
     mean, std = normalization(choice, info)
+    shape = {"in_channels": info.in_channels, "image_size": info.image_size,
+             "num_classes": info.num_classes + int(adversarial_class)}
+    arguments = custom.constructor_arguments(custom.import_target(target), target, options, shape) if target else None
     return checkpoint.model_spec(name, options, in_channels=info.in_channels, image_size=info.image_size,
                                  num_classes=info.num_classes, mean=mean, std=std, adversarial_class=adversarial_class,
-                                 classes=info.classes)
+                                 classes=info.classes, target=target, arguments=arguments)
+
+
+def model_options(model_cfg: Any) -> dict[str, Any]:
+    """A model config as plain values; one left unset (``???``, e.g. ``model=custom`` without ``model._target_``)
+    is a one-paragraph ConfigError."""
+    if OmegaConf.is_config(model_cfg):
+        missing = [key for key in model_cfg if OmegaConf.is_missing(model_cfg, key)]
+        if missing:
+            example = "mypkg.nets.WideNet" if missing[0] == "_target_" else "VALUE"
+            raise ConfigError(f"model.{missing[0]} is required and was not given: pass model.{missing[0]}={example} "
+                              "on the command line (see configs/model/ for what each model takes).")
+    return config.plain(model_cfg)
+
+
+def check_model(model_cfg: Any, info: data.DatasetInfo, *, adversarial_class: bool) -> None:
+    """Before any work: a model of one's own (``model._target_``) imports, takes its arguments and makes one logit
+    per output (a dummy forward pass); the built-in models are checked as they are built."""
+    spec = spec_from_config(model_cfg, info, adversarial_class=adversarial_class)
+    if spec.get("target"):
+        checkpoint.build_from_spec(spec)
+
+
+def with_class(payload: dict[str, Any], model_cfg: Any, where: str) -> dict[str, Any]:
+    """The checkpoint ``payload`` with its recorded class replaced by the command line's ``model._target_`` (a class
+    that moved or was renamed); everything else about the model stays the checkpoint's."""
+    if model_cfg is None:
+        return payload
+    options = model_options(model_cfg)
+    target = options.pop("_target_", None)
+    options.pop("name", None)
+    if target is None or options.pop("normalize", "dataset") != "dataset" or options:
+        raise ConfigError(
+            f"With ckpt={where} the model (its architecture, options and normalisation) is the checkpoint's; only "
+            "its class can be overridden, for a model of one's own whose class moved: model=custom "
+            "model._target_=PACKAGE.MODULE.CLASS. Leave out the other model settings, or evaluate a state_dict with "
+            "weights=PATH model=NAME.")
+    spec = payload["model_spec"]
+    if not spec.get("target"):
+        raise ConfigError(f"model._target_={target}: {where} holds advcli's built-in {spec['name']}, not a class of "
+                          "one's own; leave model= out.")
+    log.info("rebuilding the model of %s with %s (model._target_) instead of the recorded %s", where, target,
+             spec["target"])
+    return {**payload, "model_spec": {**spec, "target": target}}
 
 
 def dataset_info(dataset_cfg: Any) -> data.DatasetInfo:
@@ -80,15 +135,18 @@ def log_renamed(renamed: list[tuple[str, str]], where: str) -> None:
                  ", ".join(f"{old} -> {new}" for old, new in renamed))
 
 
-def weights_payload(path: str | Path, model_cfg: Any, dataset_cfg: Any, *, settings: Mapping[str, Any]) -> dict[str, Any]:
+def weights_payload(path: str | Path, model_cfg: Any, dataset_cfg: Any, *, settings: Mapping[str, Any],
+                    key: str | None = None) -> dict[str, Any]:
     """A checkpoint payload from a state_dict file for the architecture of ``model_cfg`` on ``dataset_cfg``;
-    ``settings`` (eps, norm, restarts) are what later evaluations of it default to."""
+    ``settings`` (eps, norm, restarts) are what later evaluations of it default to; ``key``: which of several
+    state_dicts in the file (``weights_key``)."""
     spec = spec_from_config(model_cfg, dataset_info(dataset_cfg))
     model = checkpoint.build_from_spec(spec)
-    renamed = weights.load_weights(model.net, weights.read_state_dict(path), where=f"weights={path}",
-                                   ordered=weights.keeps_order(path))
+    state, chosen = weights.choose_state_dict(weights.read_file(path), path, key=key)
+    renamed = weights.load_weights(model.net, state, where=f"weights={path}", ordered=weights.keeps_order(path))
     log_renamed(renamed, f"weights={path}")
-    source = {"kind": "weights", "path": str(path), "sha256": file_digest(path), "renamed_keys": len(renamed)}
+    source = {"kind": "weights", "path": str(path), "sha256": file_digest(path), "renamed_keys": len(renamed),
+              "weights_key": chosen}
     return imported(model, spec, model_cfg, dataset_cfg, settings, source)
 
 
@@ -130,10 +188,11 @@ def eval_payload(cfg: Any) -> tuple[dict[str, Any], str]:
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)} are both given; pass one model: ckpt=, weights= or robustbench=.")
     if given == ["ckpt"]:
-        if cfg.get("model") is not None or cfg.get("dataset") is not None:
-            raise ConfigError("model= and dataset= come from the checkpoint with ckpt=PATH (it rebuilds its own "
-                              "model on its own data); leave them out, or use weights=PATH for a plain state_dict.")
-        return checkpoint.load(cfg.ckpt), str(cfg.ckpt)
+        if cfg.get("dataset") is not None:
+            raise ConfigError("dataset= comes from the checkpoint with ckpt=PATH (it rebuilds its own model on its "
+                              "own data); leave it out, or use weights=PATH model=NAME dataset=NAME for a plain "
+                              "state_dict.")
+        return with_class(checkpoint.load(cfg.ckpt), cfg.get("model"), str(cfg.ckpt)), str(cfg.ckpt)
     if given == ["robustbench"] and cfg.get("model") is not None:
         raise ConfigError("model= is not used with robustbench=: the zoo model brings its own architecture and "
                           "preprocessing; leave model= out (or evaluate a state_dict with weights= model=NAME).")
@@ -145,7 +204,8 @@ def eval_payload(cfg: Any) -> tuple[dict[str, Any], str]:
     norm = zoo.threat_norm(cfg.threat_model, cfg.norm) if given == ["robustbench"] else cfg.norm or "linf"
     settings = {"eps": eps, "norm": norm, "restarts": cfg.restarts or 1}
     if given == ["weights"]:
-        return weights_payload(cfg.weights, cfg.model, cfg.dataset, settings=settings), str(cfg.weights)
+        return (weights_payload(cfg.weights, cfg.model, cfg.dataset, settings=settings, key=cfg.get("weights_key")),
+                str(cfg.weights))
     return (zoo_payload(cfg.robustbench, cfg.dataset, threat_model=cfg.threat_model, model_dir=cfg.robustbench_dir,
                         settings=settings), f"robustbench:{cfg.robustbench}")
 
@@ -173,7 +233,7 @@ def import_model(cfg: Any) -> dict[str, Any]:
         raise ConfigError("advcli import needs save_checkpoint=PATH: where to write the advcli checkpoint (e.g. "
                           "advcli import weights=mnist.pth model=small_cnn dataset=mnist save_checkpoint=mnist.pt).")
     payload, where = eval_payload(cfg)
-    checkpoint.rebuild_model(payload, where)
+    checkpoint.rebuild_model(payload, where, recorded=cfg.get("ckpt") is not None)
     save_imported(payload, cfg.save_checkpoint)
     print(f"wrote {cfg.save_checkpoint}: {payload['model_spec']['name']} from {where}; evaluate it with "
           f"advcli eval ckpt={cfg.save_checkpoint}")
@@ -199,9 +259,11 @@ def head_keys(state: Mapping[str, Any], net: torch.nn.Module | None = None) -> l
     return [last] + ([bias] if bias in state else [])
 
 
-def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str,
+                key: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The architecture's weights that ``init=`` names (``robustbench``: the zoo's, for model=robustbench; a path:
-    an advcli checkpoint of the same architecture, or a state_dict file), and a record of where they came from."""
+    an advcli checkpoint of the same architecture, or a state_dict file; ``key``: which of several state_dicts in
+    it, ``weights_key``), and a record of where they came from."""
     if init == "robustbench":
         if spec["name"] != "robustbench":
             raise ConfigError("init=robustbench starts from a RobustBench zoo model's weights, so it needs "
@@ -220,21 +282,29 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str) -> tup
     if checkpoint.is_checkpoint(loaded):
         payload = checkpoint.checked(loaded, path)
         other = payload["model_spec"]
-        if (other["name"], other.get("options", {})) != (spec["name"], spec["options"]):
+        theirs, ours = checkpoint.architecture(other), checkpoint.architecture(spec)
+        if (theirs, other.get("options", {})) != (ours, spec["options"]):
+            how = f"model._target_={theirs}" if other.get("target") else f"model={other['name']}"
             raise ConfigError(
-                f"init={init} holds a {other['name']} model with options {other.get('options', {})}, and this run "
-                f"trains {spec['name']} with {spec['options']}: the weights would not fit. Pass the checkpoint's "
-                f"architecture (model={other['name']} and its options), or init a state_dict file of this one.")
+                f"init={init} holds a {theirs} model with options {other.get('options', {})}, and this run "
+                f"trains {ours} with {spec['options']}: the weights would not fit. Pass the checkpoint's "
+                f"architecture ({how} and its options), or init a state_dict file of this one.")
         if (other["mean"], other["std"]) != (list(spec["mean"]), list(spec["std"])):
             raise ConfigError(
                 f"init={init} was trained behind the input normalisation mean={other['mean']} std={other['std']}, and "
                 f"this run normalises with mean={spec['mean']} std={spec['std']}: its weights would see inputs on "
                 "another scale. Pass the same normalisation (model.normalize=none, or "
                 f"model.normalize={{mean:{other['mean']},std:{other['std']}}}).")
-        state = {k[len("net."):]: v for k, v in payload["model"].items() if k.startswith("net.")}
+        chosen = key or "model"  # the model the run evaluated: with ema.decay, the average
+        if chosen not in ("model", "train_model") or chosen not in payload:
+            raise ConfigError(f"weights_key={key}: init={init} is an advcli checkpoint, whose weights are 'model' "
+                              "(what its run evaluated: with ema.decay the average) and, for an EMA run, "
+                              "'train_model'.")
+        state = {k[len("net."):]: v for k, v in payload[chosen].items() if k.startswith("net.")}
         classes = {"classes": list(other["classes"])} if other.get("classes") else {}  # what its head's outputs mean
-        return state, {**record, "kind": "checkpoint", **classes}
-    return weights.state_dict_of(loaded, path, setting="init"), record
+        return state, {**record, "kind": "checkpoint", "weights_key": chosen, **classes}
+    state, chosen = weights.choose_state_dict(loaded, path, setting="init", key=key)
+    return state, {**record, "weights_key": chosen}
 
 
 def head_misfit(source_shapes: list[tuple[int, ...]], target_shapes: list[tuple[int, ...]],
@@ -253,13 +323,14 @@ def head_misfit(source_shapes: list[tuple[int, ...]], target_shapes: list[tuple[
 
 
 def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, Any], *,
-               robustbench_dir: str) -> dict[str, Any]:
+               robustbench_dir: str, key: str | None = None) -> dict[str, Any]:
     """Load the weights ``init=`` names into ``model.net``: the body always, the head (last layer) when
-    ``head`` is keep, or auto and it fits; a new head otherwise. Returns what the run records about it."""
-    source, record = init_source(init, spec, robustbench_dir)
+    ``head`` is keep, or auto and it fits; a new head otherwise. ``key``: which of several state_dicts in the
+    file (``weights_key``). Returns what the run records about it."""
+    source, record = init_source(init, spec, robustbench_dir, key)
     target = model.net.state_dict()
     if zoo.last_linear(model.net).out_features != checkpoint.num_outputs(spec):
-        raise ConfigError(f"init={init}: the last nn.Linear of {spec['name']} does not make its "
+        raise ConfigError(f"init={init}: the last nn.Linear of {checkpoint.architecture(spec)} does not make its "
                           f"{checkpoint.num_outputs(spec)} outputs, so advcli cannot tell which layer is the head "
                           "to keep or replace; fine-tune a model whose last layer is its classifier.")
     target_head = head_keys(target, model.net)

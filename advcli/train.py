@@ -72,6 +72,7 @@ def check_settings(cfg: DictConfig) -> Choices:
                              num_classes=info.num_classes)
     objective = config.instantiate("trainer", cfg.trainer, attack=config.instantiate("attack", cfg.attack))
     flagged = bool(objective.extra_outputs)
+    sources.check_model(cfg.model, info, adversarial_class=flagged)  # a class of one's own: built once, here
     if flagged and config.attack_kind(cfg.validation.attack) != "pgd":
         raise ConfigError(
             f"validation.attack={config.choice_name(cfg.validation.attack, 'attack')}: a model with an adversarial-input "
@@ -178,7 +179,7 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
     model = checkpoint.build_from_spec(spec)
     fresh = checkpoint.resume_point(cfg.resume, out / "checkpoint.pt") is None  # a resumed run has its weights
     started_from = None if cfg.init is None or not fresh else sources.initialise(
-        model, cfg.init, cfg.init_head, spec, robustbench_dir=cfg.robustbench_dir)
+        model, cfg.init, cfg.init_head, spec, robustbench_dir=cfg.robustbench_dir, key=cfg.weights_key)
     model, channels_last = runtime.prepare_model(model, device, cfg.channels_last)
     net = distributed.wrap(torch.compile(model) if cfg.compile else model, ranks, device)
     if ranks.enabled:  # the same initial weights everywhere (seeded above); each rank its own random starts

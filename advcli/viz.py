@@ -31,6 +31,7 @@ from torch import nn
 
 from advcli import attacks, checkpoint, config, data, paths, runtime
 from advcli.checkpoint import atomic_write
+from advcli.sources import with_class
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -257,6 +258,9 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     sources = {"A": cfg.ckpt} if cfg.compare is None else {"A": cfg.ckpt, "B": cfg.compare}
     payloads = {key: checkpoint.load(path) for key, path in sources.items()}
+    for key, payload in payloads.items():  # model._target_=: another class for a checkpoint of a class of one's own
+        if key == "A" or payload["model_spec"].get("target"):
+            payloads[key] = with_class(payload, cfg.get("model"), str(sources[key]))
     first = payloads["A"]
     config.fill_from_training_run(cfg, first["config"], ("eps", "norm"))
     spec = first["model_spec"]

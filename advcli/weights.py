@@ -1,11 +1,14 @@
 """Weights advcli did not write: a plain ``state_dict`` (a PyTorch file or a safetensors file) loaded into an
-architecture of advcli's registry.
+architecture of advcli's registry or a class of one's own.
 
 Released models are saved by their authors' scripts, so their key names rarely match advcli's: a prefix
 (``module.`` from DataParallel, ``model.``), or positions instead of names (an ``nn.Sequential`` of the same
 layers in the same order saves ``0.weight``, ``2.weight``, ...). `match_keys` maps such files when every
-tensor's shape and kind (weight, bias, running_mean, ...) fits, and refuses anything else, naming the first
-key that does not fit. A file is data, never code: PyTorch files are read with ``weights_only=True``.
+tensor's shape and kind (weight, bias, running_mean, ...) fits and the shapes tell the layers paired by position
+apart, and refuses anything else, naming the first key that does not fit: two layers of the same shapes are
+matched by name or not at all, since their order in a file proves nothing. A file that holds several
+state_dicts (``model`` and ``ema``) is read only from the one ``weights_key`` names. A file is data, never code:
+PyTorch files are read with ``weights_only=True``, and storages saved on a GPU are mapped to the CPU.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from torch import nn
 
 from advcli.errors import CheckpointError, MissingExtra
 
-# where authors' scripts nest the weights inside a saved dict
-_NESTED = ("state_dict", "model_state_dict", "model", "net")
 # BatchNorm's step counter: absent from files written by old PyTorch versions, and not a weight
 _COUNTER = "num_batches_tracked"
 
@@ -42,27 +43,49 @@ def read_file(path: str | Path, *, setting: str = "weights") -> Any:
     return _read_safetensors(path, setting) if not keeps_order(path) else _read_torch(path, setting)
 
 
-def read_state_dict(path: str | Path, *, setting: str = "weights") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, *, setting: str = "weights", key: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a state_dict file (`read_file`), unwrapped from ``{"state_dict": ...}`` and the like."""
-    return state_dict_of(read_file(path, setting=setting), path, setting=setting)
+    return choose_state_dict(read_file(path, setting=setting), path, setting=setting, key=key)[0]
 
 
 def state_dict_of(loaded: Any, path: str | Path, *, setting: str = "weights") -> dict[str, torch.Tensor]:
     """The state_dict in what a file held (`read_file`), or a CheckpointError saying it has none."""
-    for key in _NESTED:
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping) and not _all_tensors(loaded):
-            loaded = loaded[key]
-            break
-    if not isinstance(loaded, Mapping) or not loaded or not _all_tensors(loaded):
+    return choose_state_dict(loaded, path, setting=setting)[0]
+
+
+def choose_state_dict(loaded: Any, path: str | Path, *, setting: str = "weights",
+                      key: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The state_dict in what a file held, and the key it was under (None: the file is one). A file whose dict
+    holds several (``{"model": ..., "ema": ...}``) is read only from the one ``key`` names: a CheckpointError
+    lists them otherwise. ``setting``: the key that named the file, for messages."""
+    if _is_state_dict(loaded):
+        if key is not None:
+            raise CheckpointError(f"weights_key={key}, but {setting}={path} is a single state_dict, not a dict of "
+                                  "several; leave weights_key out.")
+        return dict(loaded), None
+    candidates = [k for k, v in loaded.items() if _is_state_dict(v)] if isinstance(loaded, Mapping) else []
+    listed = ", ".join(f"{k!r} ({len(loaded[k])} tensors)" for k in candidates)
+    if key is not None and key not in candidates:
+        raise CheckpointError(f"weights_key={key}: {setting}={path} has no state_dict under that key"
+                              + (f"; it has {listed}. Pass one of them." if candidates else
+                                 ", nor under any other: it is not a state_dict file."))
+    if key is not None or len(candidates) == 1:
+        return dict(loaded[key or candidates[0]]), key or candidates[0]
+    if candidates:
         raise CheckpointError(
-            f"{setting}={path} is not a state_dict: advcli expects a dict of tensor names to tensors (what "
-            "model.state_dict() returns), possibly under a 'state_dict' or 'model' key"
-            + (". For a checkpoint written by advcli train use ckpt=PATH instead." if setting == "weights" else "."))
-    return dict(loaded)
+            f"{setting}={path} holds several state_dicts: {listed}. advcli will not guess which one is the model (an "
+            "EMA of the weights and the trained weights themselves differ, and so do their results); choose with "
+            f"weights_key=NAME, e.g. weights_key={candidates[-1]}. The choice is recorded with the results."
+            + (" (It is an advcli checkpoint: evaluate it with ckpt=PATH.)"
+               if loaded.get("format") == "advcli-checkpoint" else ""))
+    raise CheckpointError(
+        f"{setting}={path} is not a state_dict: advcli expects a dict of tensor names to tensors (what "
+        "model.state_dict() returns), possibly under a key such as 'state_dict' or 'model'"
+        + (". For a checkpoint written by advcli train use ckpt=PATH instead." if setting == "weights" else "."))
 
 
-def _all_tensors(tree: Mapping) -> bool:
-    return all(isinstance(value, torch.Tensor) for value in tree.values())
+def _is_state_dict(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and bool(tree) and all(isinstance(value, torch.Tensor) for value in tree.values())
 
 
 def _refused_global(error: Exception) -> str:
@@ -189,7 +212,35 @@ def _match_by_position(left_source: list[str], left_target: list[str], given, wa
                 f"{_shape(wanted[target_key])}, where the names do not match and the tensors were paired in order. "
                 f"advcli maps keys that differ by a prefix or by layer position only when every tensor's shape "
                 f"fits. {hint}")
-    return dict(zip(left_target, left_source))
+    pairs = dict(zip(left_target, left_source))
+    _refuse_interchangeable(pairs, wanted, where=where)
+    return pairs
+
+
+def _layer(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _refuse_interchangeable(pairs: Mapping[str, str], wanted: Mapping[str, torch.Tensor], *, where: str) -> None:
+    """Refuse pairs made by position where two of the model's layers have the same tensors' shapes: the file's
+    order is all that put each file layer on its model layer, and a file that stores them in another order would
+    swap them without any shape saying so."""
+    shapes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for target_key in pairs:
+        shapes.setdefault(_layer(target_key), []).append((_kind(target_key), tuple(wanted[target_key].shape)))
+    first_of: dict[tuple, str] = {}
+    for layer, signature in shapes.items():
+        twin = first_of.setdefault(tuple(signature), layer)
+        if twin == layer:
+            continue
+        files = [_layer(next(source for target, source in pairs.items() if _layer(target) == name))
+                 for name in (twin, layer)]
+        raise CheckpointError(
+            f"{where}: the model's layers {twin!r} and {layer!r} have tensors of the same shapes, and the file's "
+            f"{files[0]!r} and {files[1]!r} do not match them by name, so only their order in the file would say which "
+            "is which; a file that stores them in another order would have them swapped without any error. advcli "
+            "matches such layers by name only: rename the file's keys to the model's (load it with torch.load, "
+            "rename the keys of the dict, torch.save it again) and run again.")
 
 
 def load_weights(net: nn.Module, source: Mapping[str, torch.Tensor], *, where: str,

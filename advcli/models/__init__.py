@@ -6,8 +6,10 @@ config stays in ``train``/``evaluate``). Every model it returns takes pixels in
 
     nn.Sequential(normalize=Normalize(mean, std), net=<architecture>)
 
-``uses_batchnorm`` and ``is_convolutional`` let callers decide train/eval
-handling and ``channels_last`` without knowing the architecture.
+A class advcli does not ship (``model._target_``) is built the same way by
+``build_custom_model`` (`advcli.models.custom`). ``uses_batchnorm`` and
+``is_convolutional`` let callers decide train/eval handling and
+``channels_last`` from the built module, without knowing the architecture.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from advcli.errors import ModelError
 from advcli.models.cnn import MadryCNN
+from advcli.models.custom import build_custom_model
 from advcli.models.mlp import MLP
 from advcli.models.normalize import Normalize
 from advcli.models.preact_resnet import PreActResNet18
@@ -39,6 +42,7 @@ __all__ = [
     "ResNet18",
     "SmallCNN",
     "WideResNet",
+    "build_custom_model",
     "build_model",
     "is_convolutional",
     "uses_batchnorm",
