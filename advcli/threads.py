@@ -21,7 +21,8 @@ import torch
 
 from advcli.errors import ConfigError
 
-RECHECK_S = 2.0  # seconds between decisions: long enough to measure, short enough to follow a new neighbour
+RECHECK_S = 1.0  # seconds between decisions: long enough to measure, short enough to follow a new neighbour
+FIRST_LOOK_S = 0.25  # the first decision's window, before any work: a short run may never reach a recheck
 
 
 def usable_cpus() -> int:
@@ -74,6 +75,8 @@ class FairShare:
         self.threads = max(1, self.cores // max(1, parallel_jobs))  # a parallel sweep's jobs start on their share
         torch.set_num_threads(self.threads)
         self._sample = self._measure()
+        time.sleep(FIRST_LOOK_S)  # idle meanwhile, so all busy time counted is other processes'
+        self.rebalance()
 
     def _measure(self) -> tuple[float, float, float | None]:
         return time.monotonic(), time.process_time(), busy_seconds(self.cpus)
@@ -86,8 +89,11 @@ class FairShare:
 
     def __call__(self) -> None:
         """Re-decide, at most every RECHECK_S seconds; otherwise costs one clock read."""
-        if time.monotonic() - self._sample[0] < RECHECK_S:
-            return
+        if time.monotonic() - self._sample[0] >= RECHECK_S:
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        """Set the thread count to the cores other processes left free since the last sample."""
         now = self._measure()
         others = self.others_busy(self._sample, now)
         self._sample = now

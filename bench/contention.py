@@ -1,6 +1,6 @@
 """advcli on a shared machine: how much slower a run gets when another process uses the CPU.
 
-Runs a small `advcli train` (MNIST, small_cnn, 5,000 images, 1 epoch, fast evaluation of 200 images) as a
+Runs a small `advcli train` (MNIST, small_cnn, 20,000 images, 1 epoch, fast evaluation of 200 images) as a
 user types it, alone and beside a busy process that this script starts and stops itself, with the thread
 policy of today (threads=auto) and with torch's own default (one thread per core: threads=<cores>), and a
 two-job sweep run side by side (hydra/launcher=joblib) against the same two jobs one after the other.
@@ -26,7 +26,7 @@ from common import data_root, describe_machine
 
 from advcli.threads import usable_cpus  # noqa: E402
 
-RUN = ["model=small_cnn", "data.train_size=5000", "epochs=1", "evaluation=fast", "evaluation.num_examples=200",
+RUN = ["model=small_cnn", "data.train_size=20000", "epochs=1", "evaluation=fast", "evaluation.num_examples=200",
        "evaluation.sanity.enabled=false", "progress=false"]
 BUSY = {  # another process that keeps the CPU busy
     "torch matmul loop, 1 thread": "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
