@@ -2,8 +2,8 @@
 
 ``train``, ``eval``, ``import`` and ``viz`` are Hydra apps (``@hydra.main`` below), so Hydra's overrides, ``--help``,
 ``--cfg job`` and ``-m`` (multirun) work as Hydra users expect; each hands its config to the library
-function that does the work (`advcli.train.train`, `advcli.evaluate.evaluate_checkpoint`,
-`advcli.viz.visualize_checkpoints`) through `run_guarded`, which turns a `UserError` into one paragraph
+function that does the work (`advcli.training.train.train`, `advcli.evaluation.evaluate.evaluate_checkpoint`,
+`advcli.evaluation.viz.visualize_checkpoints`) through `run_guarded`, which turns a `UserError` into one paragraph
 and exit status 2. ``summarize`` takes paths (argparse). Nothing else in advcli reads ``sys.argv``.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from advcli.errors import ConfigError, UserError, one_paragraph
+from advcli.errors import one_paragraph, ConfigError, UserError
 
 COMMANDS = {
     "train": "train a model (min-max adversarial training), then evaluate it against every attack",
@@ -62,7 +62,7 @@ def check_run_directory(args: list[str], *, exclusive: bool = False) -> None:
     """Hydra creates the run directory before advcli's code runs and shows a traceback when it cannot;
     check it first so that a bad ``hydra.run.dir``/``hydra.sweep.dir`` gets a one-paragraph error. With
     ``exclusive`` (train, eval) a run directory that another live process holds is refused here too."""
-    from advcli.paths import check_can_create
+    from advcli.runs.paths import check_can_create
 
     if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i") for arg in args):
         return
@@ -81,8 +81,8 @@ def check_run_directory(args: list[str], *, exclusive: bool = False) -> None:
 
 def check_not_in_use(folder: Path) -> None:
     """Refuse a run directory that another live process holds before Hydra writes its config files and log into
-    it (`advcli.paths.claim` takes the lock itself later; this only stops the second command earlier)."""
-    from advcli.paths import busy_message, holder_of
+    it (`advcli.runs.paths.claim` takes the lock itself later; this only stops the second command earlier)."""
+    from advcli.runs.paths import busy_message, holder_of
     from advcli.errors import RunDirectoryBusy
 
     holder = holder_of(folder) if folder.is_dir() else None
@@ -112,14 +112,16 @@ def run_guarded(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
     ``debug=true`` in the config re-raises instead, for the full traceback. In a sweep (Hydra multirun)
     one failed job must not stop the others, yet Hydra's basic sweeper re-raises a job's exception and the
-    summary would never be written: there any Exception is recorded (`advcli.sweep.record_failure`) and the
-    job returns `advcli.sweep.failed_result`. An error that carries its own exit status (an interruption:
+    summary would never be written: there any Exception is recorded (`advcli.runs.sweep.record_failure`) and the
+    job returns `advcli.runs.sweep.failed_result`. An error that carries its own exit status (an interruption:
     Ctrl-C, SIGTERM) is recorded, then still exits.
     """
     from omegaconf.errors import MissingMandatoryValue
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from advcli import paths, sweep, threads
+    from advcli import threads
+    from advcli.runs import paths
+    from advcli.runs import sweep
 
     try:
         try:
@@ -154,35 +156,35 @@ def _library(module: str, name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)  # imported when the command runs: `advcli --help` stays quick
 
 
-# train.yaml names a sweep job's folder with ${advcli.job_dir:...} (see advcli.sweep.job_dir); registered with
+# train.yaml names a sweep job's folder with ${advcli.job_dir:...} (see advcli.runs.sweep.job_dir); registered with
 # the apps, so that every process that runs a job (joblib and SLURM workers too) can resolve it
 OmegaConf.register_new_resolver(
-    "advcli.job_dir", lambda overrides, sweep_dir: _library("advcli.sweep", "job_dir")(overrides, sweep_dir),
+    "advcli.job_dir", lambda overrides, sweep_dir: _library("advcli.runs.sweep", "job_dir")(overrides, sweep_dir),
     replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="train")
 def train_app(cfg: DictConfig) -> float:
-    """``advcli train``: `advcli.train.train`; returns the final PGD robust accuracy for sweepers."""
-    return robust_accuracy(run_guarded(_library("advcli.train", "train"), cfg))
+    """``advcli train``: `advcli.training.train.train`; returns the final PGD robust accuracy for sweepers."""
+    return robust_accuracy(run_guarded(_library("advcli.training.train", "train"), cfg))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="eval")
 def eval_app(cfg: DictConfig) -> float:
-    """``advcli eval``: `advcli.evaluate.evaluate_checkpoint`; the PGD robust accuracy at the largest eps."""
-    return robust_accuracy(run_guarded(_library("advcli.evaluate", "evaluate_checkpoint"), cfg))
+    """``advcli eval``: `advcli.evaluation.evaluate.evaluate_checkpoint`; the PGD robust accuracy at the largest eps."""
+    return robust_accuracy(run_guarded(_library("advcli.evaluation.evaluate", "evaluate_checkpoint"), cfg))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="eval")
 def import_app(cfg: DictConfig) -> None:
-    """``advcli import``: `advcli.sources.import_model` (the eval config: weights=, robustbench=, model=, dataset=)."""
-    run_guarded(_library("advcli.sources", "import_model"), cfg)
+    """``advcli import``: `advcli.models.sources.import_model` (the eval config: weights=, robustbench=, model=, dataset=)."""
+    run_guarded(_library("advcli.models.sources", "import_model"), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="viz")
 def viz_app(cfg: DictConfig) -> None:
-    """``advcli viz``: `advcli.viz.visualize_checkpoints`."""
-    run_guarded(_library("advcli.viz", "visualize_checkpoints"), cfg)
+    """``advcli viz``: `advcli.evaluation.viz.visualize_checkpoints`."""
+    run_guarded(_library("advcli.evaluation.viz", "visualize_checkpoints"), cfg)
 
 
 def summarize_command(args: list[str]) -> None:
@@ -202,7 +204,7 @@ def summarize_command(args: list[str]) -> None:
     parser.add_argument("-o", "--out", type=Path, metavar="DIR", help="write the summary files here")
     parser.add_argument("--per-job", action="store_true", help="a row per job, even for jobs that differ only in seed")
     options = parser.parse_args(args)
-    from advcli.sweep import run_summarize
+    from advcli.runs.sweep import run_summarize
 
     try:
         print(run_summarize(options.paths, options.out, per_job=options.per_job))

@@ -107,7 +107,7 @@ def require_between(name: str, value: Any, low: float, high: float | None, hint:
 
 
 def check_trainer(trainer_cfg: Any) -> None:
-    """Check the training objective's own settings (`advcli.objectives`)."""
+    """Check the training objective's own settings (`advcli.training.objectives`)."""
     if "beta" in trainer_cfg:
         require_between("trainer.beta", trainer_cfg.beta, 0, None,
                         "TRADES and MART weigh their KL term by beta: 6 in both papers on CIFAR-10; a smaller beta "
@@ -119,7 +119,7 @@ def check_trainer(trainer_cfg: Any) -> None:
 
 def awp_settings(cfg: Any) -> tuple[float, float]:
     """``(awp.gamma, awp.warmup)`` checked: adversarial weight perturbation's relative size (0: off) and the
-    epochs trained without it first (`advcli.awp`)."""
+    epochs trained without it first (`advcli.training.awp`)."""
     gamma = require_between("awp.gamma", cfg.awp.gamma, 0, None,
                             "It is the size of the weight perturbation relative to each layer's weights: 0 turns "
                             "it off; the paper uses 5e-3 (TRADES) to 1e-2 (PGD training).")
@@ -164,54 +164,6 @@ def check_attack(where: str, attack_cfg: Any) -> None:
             f"{where}.restarts=1 (restarts=N on the command line also sets the evaluation PGD's restarts).")
 
 
-# AutoAttack's attacks one at a time (advcli.autoattack): evaluation attacks, not adaptive to an adv_class flag
-REFERENCE_ATTACKS = ("apgd", "apgd_targeted", "fab_targeted", "square")
-
-
-def autoattack_parts() -> tuple[str, ...]:
-    from advcli.autoattack import AUTOATTACK_PARTS  # torch is imported only by what runs attacks
-
-    return AUTOATTACK_PARTS
-
-
-def check_attack_fits(where: str, attack_cfg: Any, *, norm: str, num_classes: int, training: bool = False) -> None:
-    """Check that an attack config can run in this run: the run's threat model, the model's classes, and (for
-    the training attack) an attack meant for training. Everything here is known before any work starts."""
-    kind = attack_kind(attack_cfg)
-    if training and kind in REFERENCE_ATTACKS:
-        raise ConfigError(
-            f"{where}: {kind} is an evaluation attack of the reference AutoAttack code (it only asks whether an "
-            "input can be broken and stops there); it cannot be the training attack. Train with attack=pgd (or "
-            "fgsm); the final evaluation (evaluation=default) runs it on the trained model.")
-    if training and kind == "autoattack":
-        raise ConfigError(
-            "attack=autoattack is an evaluation attack (an ensemble that only asks whether an input can be broken, "
-            "and costs thousands of steps per example); it cannot be the training attack. Train with attack=pgd "
-            "(or fgsm) and evaluate with advcli eval ckpt=PATH attack=autoattack, or add it to the final evaluation "
-            "with +attack@evaluation.attacks.autoattack=autoattack.")
-    if "norm" in attack_cfg and attack_cfg.norm != norm:
-        raise ConfigError(
-            f"{where}.norm={attack_cfg.norm} differs from the run's norm={norm}: eps={norm} radius would be spent in "
-            f"another threat model and the run recorded under the wrong one. One run has one threat model: set "
-            f"norm={attack_cfg.norm} (every attack follows it) and leave {where}.norm unset.")
-    if attack_cfg.get("loss") == "dlr" and num_classes < 3:
-        raise ConfigError(
-            f"{where}.loss=dlr needs at least 3 classes (it divides the margin by the gap between the first and "
-            f"third largest logits), but this model has {num_classes}. Use {where}.loss=margin or ce.")
-    if kind == "autoattack" and int(attack_cfg.get("restarts", 1)) != 1:
-        from advcli.autoattack import autoattack_restarts_refused
-
-        raise ConfigError(autoattack_restarts_refused(int(attack_cfg.restarts)))
-    parts = attack_cfg.get("attacks") if kind == "autoattack" else None
-    if parts is not None and (not parts or set(parts) - set(autoattack_parts())):
-        raise ConfigError(f"{where}.attacks={list(parts)}: AutoAttack's attacks are {', '.join(autoattack_parts())}; "
-                          f"pick some of them (e.g. {where}.attacks=[apgd-ce,apgd-t]) or null for the whole version.")
-    if kind in ("autoattack", "apgd_targeted", "fab_targeted") and num_classes < 4:
-        raise ConfigError(f"AutoAttack's targeted DLR loss needs at least 4 classes, but this model has {num_classes}; "
-                          f"evaluate it with evaluation=fast (PGD on the cross-entropy and a margin loss), or leave "
-                          f"{where} out.")
-
-
 # evaluation settings of earlier versions, which made the number depend on guesses (README "Evaluating a checkpoint")
 RETIRED_EVALUATION_KEYS = {
     "focus": "Square took the survivors closest to the boundary a share at a time and stopped at the first share "
@@ -234,23 +186,6 @@ def check_evaluation_config(evaluation_cfg: Any) -> None:
         name = sorted(alone & chained)[0]
         raise ConfigError(f"evaluation.standalone_attacks.{name} and evaluation.attacks.{name}: one name for two "
                           "attacks would make one row hide the other. Rename one of them.")
-
-
-def check_evaluation_attacks(attack_cfgs: Mapping[str, Any], *, norm: str, num_classes: int,
-                             adversarial_class: bool = False) -> None:
-    """`check_attack` and `check_attack_fits` for every evaluation attack, and no AutoAttack against a model with
-    an "adversarial input" output: it stops where an input lands on the flag, and counted with rejection that
-    overstates the defence."""
-    for name, attack_cfg in attack_cfgs.items():
-        check_attack(f"evaluation.attacks.{name}", attack_cfg)
-        check_attack_fits(f"evaluation.attacks.{name}", attack_cfg, norm=norm, num_classes=num_classes)
-        if adversarial_class and attack_kind(attack_cfg) in ("autoattack", *REFERENCE_ATTACKS):
-            raise ConfigError(
-                f"evaluation.attacks.{name}: AutoAttack and its attacks are not adaptive to the adversarial-input "
-                "output of this model (trainer=adv_class): they count an input as broken as soon as it lands on the "
-                "flag and stop there, so its accuracy with rejection would overstate the defence. Evaluate such a "
-                "model with evaluation=fast, whose adaptive PGD (evaluation.adaptive_attacks.pgd_adaptive) must "
-                "avoid the flag.")
 
 
 # --- from config to objects: one place, so a config's `name` never reaches a function as a keyword ----------
@@ -276,7 +211,7 @@ def choice_name(node: Any, group: str = "") -> str:
 
 def training_label(run_cfg: Any) -> str:
     """How a run was trained, from its (stored) config: ``pgd-trained``, ``trades (pgd)``, ``adv_class (fgsm)``;
-    for a model advcli did not train (`advcli.sources`), ``imported (its file or zoo name)``."""
+    for a model advcli did not train (`advcli.models.sources`), ``imported (its file or zoo name)``."""
     if "imported" in run_cfg:
         return f"imported ({run_cfg['imported']})"
     attack = choice_name(run_cfg["attack"], "attack")
@@ -474,10 +409,25 @@ ADDED_LATER = {"model.normalize": "dataset", "init": None, "init_head": "auto", 
                "awp.gamma": 0.0, "awp.warmup": 0, "weights_key": None}
 
 
+# Where a recorded ``_target_`` now lives (the package moved into wings): a run recorded before names the same
+# function by its old path, and continues as the same run.
+MOVED_TARGETS = {"advcli.autoattack.": "advcli.attacks.", "advcli.objectives.": "advcli.training.objectives.",
+                 "advcli.sweep.": "advcli.runs.sweep."}
+
+
+def renamed_target(value: Any) -> Any:
+    """A recorded ``_target_`` under its current path."""
+    for old, new in MOVED_TARGETS.items():
+        if isinstance(value, str) and value.startswith(old):
+            return new + value[len(old):]
+    return value
+
+
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, old value, new value)`` for every key that differs (a missing key reads as ``<unset>``, or as its
     `ADDED_LATER` default)."""
     missing = "<unset>"
     old = {**{k: v for k, v in ADDED_LATER.items() if k not in old and k in new}, **old}
+    old = {key: renamed_target(value) if key.endswith("_target_") else value for key, value in old.items()}
     return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted({*old, *new})
             if old.get(key, missing) != new.get(key, missing)]

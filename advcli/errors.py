@@ -17,7 +17,7 @@ class ConfigError(UserError):
 
 
 class RunDirectoryBusy(ConfigError):
-    """Another live process holds the run directory (`advcli.paths.claim`)."""
+    """Another live process holds the run directory (`advcli.runs.paths.claim`)."""
 
 
 class DataError(UserError):

@@ -17,8 +17,8 @@ from torch import nn
 
 from advcli import threads
 from advcli.config import AMP_MODES, require_choice
-from advcli.models import is_convolutional
 from advcli.errors import ConfigError
+
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def seeded(seed: int, device: torch.device):
 def prepare_model(model: nn.Module, device: torch.device, channels_last: Any) -> tuple[nn.Module, bool]:
     """Move ``model`` to ``device``; channels_last (``auto`` = for conv nets) speeds convolutions up on
     CPUs and tensor-core GPUs. Returns the model and whether inputs should be channels_last too."""
-    use = is_convolutional(model) if str(channels_last) == "auto" else bool(channels_last)
+    use = any(isinstance(m, nn.Conv2d) for m in model.modules()) if str(channels_last) == "auto" else bool(channels_last)
     model = model.to(device)
     if device.type == "cpu":
         model.register_forward_pre_hook(threads.keep_fair)  # every attack's queries follow the load too

@@ -1,7 +1,7 @@
 """The fast recipe end to end: `advcli train experiment=fast_at` on MNIST at eps=0.3, then the default evaluation.
 
 Fast adversarial training (Wong et al. 2020) reports 88.77% PGD-50-10 accuracy on MNIST at eps=0.3 after 10
-epochs, and 82.93% under AutoAttack for its released model. This runs the whole tool (`advcli.train.train` on the
+epochs, and 82.93% under AutoAttack for its released model. This runs the whole tool (`advcli.training.train.train` on the
 composed config, as the command line does) and evaluates the final model on the first 1,000 test images with the
 default evaluation (APGD-CE, APGD-T and Square as a cascade; README "Evaluating a checkpoint"). The same as
 
@@ -25,8 +25,8 @@ from hydra import compose, initialize_config_module
 
 from common import data_root, describe_machine
 
-from advcli.report import training_results  # noqa: E402
-from advcli.train import train  # noqa: E402
+from advcli.runs.report import training_results  # noqa: E402
+from advcli.training.train import train  # noqa: E402
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from common import REPO, data_root, describe_machine
 
-from advcli.report import percent  # noqa: E402
+from advcli.runs.report import percent  # noqa: E402
 
 TRAIN = ["model=small_cnn", "eps=0.3", "seed=0", "progress=false", "evaluation=fast", "evaluation.num_examples=100",
          "evaluation.sanity.enabled=false",
@@ -90,16 +90,16 @@ def proven_breakable() -> str:
     import torch
     from hydra import compose, initialize_config_module
 
-    from advcli import checkpoint, data
-    from advcli.autoattack import autoattack
-    from advcli.evaluate import check_eval_settings, eval_settings, evaluate_model
+    from advcli import data, models
+    from advcli.attacks.reference import autoattack
+    from advcli.evaluation.evaluate import check_eval_settings, eval_settings, evaluate_model
 
     indices = torch.tensor([int(line) for line in (MODELS_DIR / BREAKABLE).read_text().split()])
     with initialize_config_module(config_module="advcli.configs", version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[*model_args("cnn_a_adv", Path()), "device=cpu", "progress=false",
                                                      f"data.root={data_root()}", "evaluation.sanity.enabled=false"])
     job = check_eval_settings(cfg)
-    model = checkpoint.rebuild_model(job.payload, job.where).eval()
+    model = models.rebuild_model(job.payload, job.where).eval()
     images = data.load_split("mnist", "test", root=data_root(), download=False).subset(indices)
     settings = eval_settings(cfg.evaluation, job.settings, amp_dtype=None, channels_last=False, adversarial_class=False,
                              progress=False)

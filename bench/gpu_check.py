@@ -11,7 +11,7 @@ Rows:
   test images) and with ``compile=true`` (the quick evaluation, for its training time);
 - ``eval``: ``advcli eval`` of the first run's checkpoint with the default evaluation, which must repeat the
   figures the training run printed;
-- ``torchrun``: ``torchrun --standalone --nproc_per_node=1 -m advcli.train`` as README "Multi-GPU" says (with one
+- ``torchrun``: ``torchrun --standalone --nproc_per_node=1 -m advcli.training.train`` as README "Multi-GPU" says (with one
   process advcli starts no process group), then a one-process NCCL group that runs advcli's training epoch through
   DistributedDataParallel with adversarial weight perturbation (its gradients summed over the ranks);
 - ``throughput``: PreActResNet-18 on CIFAR-shaped images, PGD-10 training (eps 8/255, step 2/255, batch 128),
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from common import REPO, data_root, describe_machine
 
 from advcli import attacks, data, runtime  # noqa: E402
-from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
+from advcli.training.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
 from advcli.models import build_model  # noqa: E402
-from advcli.objectives import Mart, MinMax  # noqa: E402
+from advcli.training.objectives import Mart, MinMax  # noqa: E402
 
 EPS, ALPHA, STEPS, BATCH = 8 / 255, 2 / 255, 10, 128
 CIFAR_SHAPE = {"num_classes": 10, "channels": 3, "image_size": 32}
@@ -139,14 +139,14 @@ def eval_row(run_dir: Path | None, budget: "Budget", rows: list[Row]) -> None:
 
 
 def torchrun_rows(out: Path, dataset: list[str], budget: "Budget", rows: list[Row]) -> None:
-    """advcli.train under a one-process torchrun, then advcli's epoch in a one-rank NCCL group (DDP, AWP)."""
+    """advcli.training.train under a one-process torchrun, then advcli's epoch in a one-rank NCCL group (DDP, AWP)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     run_dir = out / "torchrun"
     short = ["epochs=1", "data.train_size=10000", "evaluation=fast", "evaluation.num_examples=500",
              "evaluation.sanity.enabled=false", "progress=false", "device=cuda", f"output_dir={run_dir}"]
-    ok, tail, seconds = run_command([*torchrun, "-m", "advcli.train", *dataset, *short], budget.share(0.3))
+    ok, tail, seconds = run_command([*torchrun, "-m", "advcli", "train", *dataset, *short], budget.share(0.3))
     result = accuracies(json.loads((run_dir / "metrics.json").read_text())) if ok else last_line(tail)
-    report(Row("torchrun", "-m advcli.train, 1 epoch of 10,000 images (one process: no process group)",
+    report(Row("torchrun", "-m advcli.training.train, 1 epoch of 10,000 images (one process: no process group)",
                result, seconds, ok), rows)
     ok, tail, seconds = run_command([*torchrun, str(Path(__file__).resolve()), "--nccl-worker"], budget.share(0.4))
     lines = [line for line in tail.splitlines() if line.startswith("nccl-worker:")]

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from advcli import attacks, checkpoint, data  # noqa: E402
-from advcli.evaluate import attack_outcomes  # noqa: E402
+from advcli import attacks, data  # noqa: E402
+from advcli import models
+from advcli.runs import checkpoint
+from advcli.evaluation.evaluate import attack_outcomes  # noqa: E402
 from advcli.models import build_model  # noqa: E402
 
 
@@ -55,7 +57,7 @@ def checkpoint_model(path: str, device: torch.device, root: str) -> tuple[torch.
     name = dataset.pop("name")
     options = {k: v for k, v in dataset.items() if k not in ("crop_padding", "flip")}
     test_set = data.load_split(name, "test", root=root, download=False, **options)
-    model = checkpoint.rebuild_model(payload, path).to(device).eval()
+    model = models.rebuild_model(payload, path).to(device).eval()
     return model, test_set, float(trained["eps"]), f"{name}; {payload['model_spec']['name']} from {path}"
 
 

@@ -2,7 +2,7 @@
 
 PGD-k training runs k attack steps (forward + input-gradient backward) and one training step per
 batch, so a naive runner costs about (k + 1) clean steps. Attack steps need no weight gradients, so
-a good runner sits below that floor. This times advcli's own training step (`advcli.train.train_epoch`
+a good runner sits below that floor. This times advcli's own training step (`advcli.training.train.train_epoch`
 with advcli's attacks and on-device batches) on the Madry MNIST CNN for attack=none, FGSM and PGD-k,
 k = 3, 7, 10, and prints each step's time and PGD-k / ((k + 1) x clean step), for fp32 (contiguous and
 channels_last) and for the defaults (amp=auto, channels_last=auto).
@@ -22,8 +22,8 @@ from common import describe_machine, mnist, timed
 from advcli import attacks, data, runtime  # noqa: E402
 from advcli.runtime import prepare_model  # noqa: E402
 from advcli.models import build_model  # noqa: E402
-from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
-from advcli.objectives import MinMax
+from advcli.training.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
+from advcli.training.objectives import MinMax
 
 VARIANTS = {  # name: (amp, channels_last)
     "fp32": ("off", False),

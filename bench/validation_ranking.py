@@ -31,10 +31,12 @@ from hydra import compose, initialize_config_module
 
 from common import REPO, data_root, describe_machine, mnist
 
-from advcli import checkpoint, config, data  # noqa: E402
+from advcli import config, data  # noqa: E402
+from advcli import models
+from advcli.runs import checkpoint
 from advcli.attacks import pgd  # noqa: E402
-from advcli.autoattack import apgd  # noqa: E402
-from advcli.outcomes import attack_outcomes  # noqa: E402
+from advcli.attacks.reference import apgd  # noqa: E402
+from advcli.evaluation.cascade import attack_outcomes  # noqa: E402
 
 TRAIN = ["experiment=fast_at", "model=small_cnn", "lr_peak=0.4", "eps_warmup=2", "epochs=5", "eps=0.3", "seed=0",
          "keep_epochs=true", "progress=false", "evaluation=fast", "evaluation.num_examples=100",
@@ -67,7 +69,7 @@ CANDIDATES = {
 
 def cheap_scores(ckpt: Path, n: int, attack) -> dict[str, float]:
     """Each cheap attack's accuracy on the first n test images, and its seconds."""
-    model = checkpoint.rebuild_model(checkpoint.load(ckpt), ckpt).eval()
+    model = models.rebuild_model(checkpoint.load(ckpt), ckpt).eval()
     batches = list(data.batches(mnist("test", n), 500))
     scores = {}
     for name, candidate in {**CANDIDATES, "validation": attack}.items():

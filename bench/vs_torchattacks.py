@@ -3,7 +3,7 @@
 Each variant trains the Madry MNIST CNN for one epoch of PGD-7 adversarial training at eps=0.1 on the
 same 10,000 images, in the same order, from the same initial weights, with the same step size and Adam;
 then its model is measured on the first 1,000 test images (clean and PGD-20, fp32). advcli runs through
-its own `advcli.train.train_epoch` and on-device batches, with its defaults (amp=auto, channels_last=auto)
+its own `advcli.training.train.train_epoch` and on-device batches, with its defaults (amp=auto, channels_last=auto)
 and with everything off (fp32, contiguous). torchattacks is a benchmark-only dependency
 (pip install torchattacks).
 
@@ -33,8 +33,8 @@ from common import describe_machine, mnist
 from advcli import attacks, data, runtime  # noqa: E402
 from advcli.runtime import prepare_model  # noqa: E402
 from advcli.models import build_model  # noqa: E402
-from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
-from advcli.objectives import MinMax
+from advcli.training.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch  # noqa: E402
+from advcli.training.objectives import MinMax
 
 EPS, STEPS, BATCH = 0.1, 7, 128
 ALPHA = 2.5 * EPS / STEPS

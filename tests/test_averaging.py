@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advcli.averaging import ema_decay, ema_model
+from advcli.training.averaging import ema_decay, ema_model
 
 
 def test_ema_weights_equal_a_direct_computation_after_a_few_steps():

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcli import attacks, awp, config, objectives
-from advcli.epoch import EpochPlan, Optimisation, train_step
-from advcli.train import train
+from advcli import attacks, config
+from advcli.training import awp, objectives
+from advcli.training.epoch import train_step, EpochPlan, Optimisation
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 GAMMA = 5e-3
@@ -128,8 +129,8 @@ def test_two_gloo_processes_with_awp_train_the_same_weights_as_one(tmp_path):
 
     with_awp = [*COMMON, "awp.gamma=0.01", "epochs=1"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "-m", "advcli.train", *with_awp, f"output_dir={one}"], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "advcli.train",
+    run([sys.executable, "-m", "advcli", "train", *with_awp, f"output_dir={one}"], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "advcli", "train",
          *with_awp, f"output_dir={two}"], tmp_path)
     single = torch.load(one / "checkpoint.pt", weights_only=True)["model"]
     double = torch.load(two / "checkpoint.pt", weights_only=True)["model"]

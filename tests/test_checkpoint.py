@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from advcli import checkpoint
-from advcli.checkpoint import CheckpointError
+from advcli import models
+from advcli.runs import checkpoint
+from advcli.runs.checkpoint import CheckpointError
 
-SPEC = checkpoint.model_spec("mlp", {"hidden": [16]}, in_channels=1, image_size=8, num_classes=3, mean=[0.5], std=[0.25])
+SPEC = models.model_spec("mlp", {"hidden": [16]}, in_channels=1, image_size=8, num_classes=3, mean=[0.5], std=[0.25])
 
 
 def saved(tmp_path: Path, **extra) -> Path:
     torch.manual_seed(0)
-    model = checkpoint.build_from_spec(SPEC)
+    model = models.build_from_spec(SPEC)
     path = tmp_path / "checkpoint.pt"
     checkpoint.save(path, {"model": model.state_dict(), "model_spec": SPEC, "epoch": 1, **extra})
     return path
@@ -24,9 +25,9 @@ def saved(tmp_path: Path, **extra) -> Path:
 
 def test_round_trip_rebuilds_the_same_model(tmp_path):
     path = saved(tmp_path)
-    model = checkpoint.rebuild_model(checkpoint.load(path), path)
+    model = models.rebuild_model(checkpoint.load(path), path)
     torch.manual_seed(0)
-    original = checkpoint.build_from_spec(SPEC)
+    original = models.build_from_spec(SPEC)
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(model(x), original.eval()(x))
     assert not model.training
@@ -81,7 +82,7 @@ def test_a_checkpoint_of_another_architecture(tmp_path):
     payload = checkpoint.load(path)
     payload["model_spec"] = {**SPEC, "options": {"hidden": [32]}}
     with pytest.raises(CheckpointError, match="does not fit") as error:
-        checkpoint.rebuild_model(payload, path)
+        models.rebuild_model(payload, path)
     assert "mlp" in str(error.value) and str(path) in str(error.value)
 
 

@@ -95,7 +95,7 @@ def test_eval_of_a_missing_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_python_dash_m_runs_the_same_entry_point(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "advcli.train", "attack=none",
+    result = subprocess.run([sys.executable, "-m", "advcli", "train", "attack=none",
                              *[o for o in TINY if not o.startswith("attack.")], f"hydra.run.dir={tmp_path}"],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advcli import config, paths, runtime
+from advcli import config, runtime
 from advcli.errors import ConfigError
+from advcli.runs import paths
 from conftest import compose_config, run_advcli
 
 
@@ -61,14 +62,14 @@ DOCUMENTED_CHOICES = {
     "attack": {"none": {"_target_": "advcli.attacks.none"}, "fgsm": {"_target_": "advcli.attacks.fgsm"},
                "pgd": {"_target_": "advcli.attacks.pgd", "loss": "ce"},
                "pgd_margin": {"_target_": "advcli.attacks.pgd", "loss": "margin"},
-               "apgd_ce": {"_target_": "advcli.autoattack.apgd", "loss": "ce"},
-               "apgd_t": {"_target_": "advcli.autoattack.apgd_targeted"},
-               "square": {"_target_": "advcli.autoattack.square"}},
+               "apgd_ce": {"_target_": "advcli.attacks.reference.apgd", "loss": "ce"},
+               "apgd_t": {"_target_": "advcli.attacks.reference.apgd_targeted"},
+               "square": {"_target_": "advcli.attacks.reference.square"}},
     "evaluation": {"default": {"cascade": True}, "fast": {"cascade": False}, "autoattack": {"cascade": False}},
-    "trainer": {"standard": {"_target_": "advcli.objectives.MinMax"},
-                "trades": {"_target_": "advcli.objectives.Trades"},
-                "mart": {"_target_": "advcli.objectives.Mart", "beta": 6.0},
-                "adv_class": {"_target_": "advcli.objectives.AdversarialClass"}},
+    "trainer": {"standard": {"_target_": "advcli.training.objectives.MinMax"},
+                "trades": {"_target_": "advcli.training.objectives.Trades"},
+                "mart": {"_target_": "advcli.training.objectives.Mart", "beta": 6.0},
+                "adv_class": {"_target_": "advcli.training.objectives.AdversarialClass"}},
     "optimizer": {"adam": {"_target_": "torch.optim.Adam"}, "sgd": {"_target_": "torch.optim.SGD"}},
 }
 
@@ -146,7 +147,7 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
 ])
 def test_settings_that_cannot_do_what_they_say_are_refused_before_any_work(tmp_path, overrides, fragment):
     # in-process (the shell's exit status 2 and one paragraph: test_reliability's shell test)
-    from advcli.train import train
+    from advcli.training.train import train
 
     with pytest.raises(ConfigError) as error:
         train(compose_config("train", ["dataset=synthetic", "model=mlp", "device=cpu", "progress=false",

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from advcli import checkpoint, data, sources, weights
-from advcli import epoch as epoch_module
+from advcli import data, models
 from advcli.errors import CheckpointError, ConfigError, Interrupted
-from advcli.evaluate import evaluate_checkpoint
-from advcli.models import uses_batchnorm
-from advcli.train import train
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.models import sources, uses_batchnorm, weights
+from advcli.runs import checkpoint
+from advcli.training import epoch as epoch_module
+from advcli.training.train import train
 from conftest import REPO, compose_config, run_advcli, tiny_overrides
 
 MODULE = "advcli_test_nets"  # the module of one's own, written by the `own_code` fixture
@@ -95,7 +96,7 @@ def test_a_class_of_ones_own_trains_and_its_checkpoint_rebuilds_it_by_import(tra
     spec = checkpoint.load(ckpt)["model_spec"]
     assert spec["target"] == f"{MODULE}.WideNet" and metrics["model"] == f"{MODULE}.WideNet"
     assert spec["arguments"] == {"in_channels": 1, "image_size": 12, "num_classes": 4, "width": 3}
-    model = checkpoint.rebuild_model(checkpoint.load(ckpt))
+    model = models.rebuild_model(checkpoint.load(ckpt))
     assert list(dict(model.named_children())) == ["normalize", "net"] and uses_batchnorm(model)
     with caplog.at_level("INFO"):
         again = evaluate_checkpoint(compose_config("eval", eval_overrides(tmp_path, f"ckpt={ckpt}")))
@@ -184,7 +185,7 @@ def test_a_checkpoint_naming_a_callable_that_is_not_a_module_class_is_refused_wi
     checkpoint.save(planted, {**payload, "model_spec": spec})
     with pytest.raises(ConfigError, match=r"os.system \(recorded in .*planted.pt\) is a builtin_function_or_method, "
                                           "not a subclass of torch.nn.Module"):
-        checkpoint.rebuild_model(checkpoint.load(planted), planted)
+        models.rebuild_model(checkpoint.load(planted), planted)
     assert not (tmp_path / "ran").exists()
 
 
@@ -284,4 +285,4 @@ def test_a_timm_architecture_builds_and_trains_one_step(tmp_path):
     assert payload["model_spec"]["target"] == "advcli.models.timm_net.timm_model"
     assert payload["model_spec"]["arguments"] == {"in_channels": 1, "num_classes": 4, "architecture": "test_byobnet"}
     assert metrics["model"] == "test_byobnet" and len(metrics["history"]) == 1
-    assert uses_batchnorm(checkpoint.rebuild_model(payload))
+    assert uses_batchnorm(models.rebuild_model(payload))

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from advcli import checkpoint, config, data, sources
-from advcli.models import uses_batchnorm
+from advcli import config, data, models
+from advcli.models import sources, uses_batchnorm
 from conftest import compose_config
 
 # model config -> (registry name, options, parameters for 10 classes of 3x32x32)
@@ -26,7 +26,7 @@ DATASET_CONFIGS = {"cifar100": ("cifar100_root", 100, 4, True), "svhn": ("svhn_r
 
 def model_from(cfg, info: data.DatasetInfo) -> torch.nn.Module:
     """The model `advcli train` builds for this config and dataset (through a checkpoint's model spec)."""
-    return checkpoint.build_from_spec(sources.spec_from_config(cfg.model, info))
+    return models.build_from_spec(sources.spec_from_config(cfg.model, info))
 
 
 @pytest.mark.parametrize("choice", sorted(MODEL_CONFIGS))

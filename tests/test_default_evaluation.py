@@ -1,6 +1,6 @@
 """The default evaluation: FGSM and PGD alone, then AutoAttack's attacks through the reference code
-(advcli.autoattack) at AutoAttack's own budgets, as a cascade in which each attack runs on every example the
-ones before it left standing (advcli.outcomes)."""
+(advcli.attacks.reference) at AutoAttack's own budgets, as a cascade in which each attack runs on every example the
+ones before it left standing (advcli.evaluation.cascade)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
 from advcli import config
-from advcli.attacks import pgd
-from advcli.autoattack import apgd, apgd_targeted, fab_targeted, square
+from advcli.attacks import checks as attack_checks, pgd
+from advcli.attacks.reference import apgd, apgd_targeted, fab_targeted, square
 from advcli.errors import ConfigError
-from advcli.evaluate import evaluation_attacks
-from advcli.outcomes import cascade_outcomes
+from advcli.evaluation.cascade import cascade_outcomes
+from advcli.evaluation.evaluate import evaluation_attacks
 from conftest import compose_config
 
 EPS = 0.1
@@ -60,7 +60,7 @@ def test_restarts_and_the_evaluation_seed_reach_every_attack_that_has_them():
     aa = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=3", "evaluation=autoattack", "evaluation.seed=7"])
     assert aa.evaluation.attacks.autoattack.seed == 7
     with pytest.raises(ConfigError, match="restarts=3 cannot reach AutoAttack"):
-        config.check_evaluation_attacks(aa.evaluation.attacks, norm="linf", num_classes=10)
+        attack_checks.check_evaluation_attacks(aa.evaluation.attacks, norm="linf", num_classes=10)
 
 
 @pytest.mark.parametrize("key", ["+evaluation.focus.square=0.1", "+evaluation.escalate.when=0.05"])
@@ -77,7 +77,7 @@ def test_one_name_for_an_attack_alone_and_in_the_cascade_is_refused():
 
 
 def test_the_evaluation_batch_size_is_part_of_what_a_run_is():
-    from advcli import seeds
+    from advcli.runs import seeds
 
     small, large = (compose_config("train", [f"evaluation.batch_size={size}"]) for size in (100, 500))
     assert config.fingerprint(small, precision="fp32") != config.fingerprint(large, precision="fp32")
@@ -133,12 +133,12 @@ def test_reference_attacks_are_for_evaluation_only():
     for name in ("apgd_ce", "apgd_t", "square"):
         cfg = compose_config("train", [f"attack={name}"])
         with pytest.raises(ConfigError, match="evaluation attack"):
-            config.check_attack_fits("attack", cfg.attack, norm="linf", num_classes=10, training=True)
+            attack_checks.check_attack_fits("attack", cfg.attack, norm="linf", num_classes=10, training=True)
     cfg = compose_config("eval", ["ckpt=unused", "norm=linf", "restarts=1"])
     with pytest.raises(ConfigError, match="at least 4 classes.*evaluation=fast"):
-        config.check_evaluation_attacks(cfg.evaluation.attacks, norm="linf", num_classes=3)
+        attack_checks.check_evaluation_attacks(cfg.evaluation.attacks, norm="linf", num_classes=3)
     with pytest.raises(ConfigError, match="evaluation=fast"):
-        config.check_evaluation_attacks(cfg.evaluation.attacks, norm="linf", num_classes=11, adversarial_class=True)
+        attack_checks.check_evaluation_attacks(cfg.evaluation.attacks, norm="linf", num_classes=11, adversarial_class=True)
 
 
 class RowSpy:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from advcli.evaluate import evaluate_checkpoint
-from advcli.train import train
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.training.train import train
 from conftest import compose_config
 
 N = 200  # test images

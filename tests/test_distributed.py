@@ -34,9 +34,9 @@ def run(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "-m", "advcli.train", *COMMON, f"output_dir={one}"], tmp_path)
+    run([sys.executable, "-m", "advcli", "train", *COMMON, f"output_dir={one}"], tmp_path)
     done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                "advcli.train", *COMMON, f"output_dir={two}"], tmp_path)
+                "advcli", "train", *COMMON, f"output_dir={two}"], tmp_path)
 
     single = torch.load(one / "checkpoint.pt", weights_only=True)
     double = torch.load(two / "checkpoint.pt", weights_only=True)
@@ -62,7 +62,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
 
     # advcli eval under torchrun: sharded the same way, one writer, the single-process figures
     evaluated = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                     "advcli.evaluate", "evaluation=fast", f"ckpt={one / 'checkpoint.pt'}", "device=cpu", "progress=false",
+                     "advcli.evaluation.evaluate", "evaluation=fast", f"ckpt={one / 'checkpoint.pt'}", "device=cpu", "progress=false",
                      "evaluation.num_examples=100", "evaluation.sanity.enabled=false", f"output_dir={tmp_path / 'eval'}"],
                     tmp_path)
     assert evaluated.stdout.count("any attack") == 1
@@ -106,7 +106,7 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint_and_the_run_r
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "advcli.train", "dataset=synthetic", "dataset.num_train=3000", "model=mlp", "attack=pgd", "eps=0.1",
+               "advcli.training.train", "dataset=synthetic", "dataset.num_train=3000", "model=mlp", "attack=pgd", "eps=0.1",
                "eps_warmup=0", "epochs=4", "batch_size=32", "lr_schedule=constant", "amp=off", "device=cpu", "progress=false", "log_every=2",
                "data.val_size=30", "evaluation.num_examples=50", "evaluation.sanity.enabled=false",
                f"output_dir={out}"]
@@ -134,7 +134,7 @@ def test_two_gloo_ranks_resumed_mid_run_draw_their_own_random_starts_and_end_as_
               "data.val_size=30",
               "evaluation.num_examples=100", "evaluation.sanity.enabled=false", "seed=3"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                "advcli.train"]
+                "advcli", "train"]
     unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
     run([*torchrun, *common, "epochs=2", f"output_dir={unbroken}"], tmp_path)
     run([*torchrun, *common, "epochs=1", f"output_dir={resumed}"], tmp_path)
@@ -159,7 +159,7 @@ def test_under_torchrun_rank_0_claims_the_run_directory_and_every_rank_leaves_on
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "advcli.train", *COMMON, "epochs=1", f"output_dir={out}"]
+               "advcli.training.train", *COMMON, "epochs=1", f"output_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     holder = hold_run_directory(out)
     try:

@@ -8,14 +8,15 @@ import torch.nn.functional as F
 import torchvision
 from omegaconf import OmegaConf
 
-import advcli.train as train_module
-from advcli import attacks, checkpoint, data
-from advcli.runtime import prepare_model
+import advcli.training.train as train_module
+from advcli import attacks, data
 from advcli.models import build_model
-from advcli.epoch import EpochPlan, Optimisation, lr_schedule, train_epoch
-from advcli.guards import never_robust, overfitting
-from advcli.train import train
-from advcli.objectives import MinMax
+from advcli.runs import checkpoint
+from advcli.runtime import prepare_model
+from advcli.training.epoch import lr_schedule, train_epoch, EpochPlan, Optimisation
+from advcli.training.guards import never_robust, overfitting
+from advcli.training.objectives import MinMax
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 

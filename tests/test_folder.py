@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from advcli import checkpoint, folder, viz
-from advcli.data import dataset_info, load_split
+from advcli.data import dataset_info, folder, load_split
 from advcli.errors import CheckpointError, DataError
-from advcli.evaluate import evaluate_checkpoint
-from advcli.train import train
-from advcli.viz import visualize_checkpoints
+from advcli.evaluation import viz
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.viz import visualize_checkpoints
+from advcli.runs import checkpoint
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 CLASSES = ("cat", "dog", "eel")
@@ -82,7 +83,7 @@ def test_splits_are_uint8_at_the_asked_size_in_a_seeded_shuffle_of_imagefolder_o
 
 
 def test_held_out_training_subset_and_evaluated_test_images_span_the_classes(tmp_path, image_folder):
-    from advcli import train as train_module
+    from advcli.training import train as train_module
 
     cfg = compose_config("train", tiny_overrides(tmp_path, "dataset=folder", f"dataset.path={image_folder}",
                                                  "dataset.image_size=8", "data.val_size=3", "data.train_size=6",

@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advcli import attacks, checkpoint, objectives
+from advcli import attacks, models
 from advcli.errors import ConfigError
-from advcli.evaluate import evaluate_checkpoint
-from advcli.train import train
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.runs import checkpoint
+from advcli.training import objectives
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 # --- TRADES ----------------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_mart_attacks_the_cross_entropy_of_the_true_labels_in_eval_mode(tiny_mod
 
 
 def test_mart_training_runs_end_to_end(tmp_path):
-    from advcli.train import check_settings
+    from advcli.training.train import check_settings
 
     overrides = tiny_overrides(tmp_path, "trainer=mart", "epochs=2", "lr=3e-3", "evaluation.sanity.enabled=false")
     assert check_settings(compose_config("train", overrides)).attack_mode == "eval"
@@ -160,7 +162,7 @@ def test_adv_class_checkpoint_has_k_plus_one_outputs_and_eval_needs_no_argument(
     run, trained = adv_class_run
     payload = checkpoint.load(run / "checkpoint.pt")
     assert payload["model_spec"]["adversarial_class"] is True and payload["model_spec"]["num_classes"] == 4
-    model = checkpoint.rebuild_model(payload)
+    model = models.rebuild_model(payload)
     assert model(torch.rand(2, 1, 12, 12)).shape == (2, 5)
 
     evaluated = evaluate_checkpoint(compose_config("eval", ["evaluation=fast", f"ckpt={run / 'checkpoint.pt'}", "device=cpu",
@@ -222,11 +224,12 @@ def test_standard_checkpoint_is_evaluated_exactly_as_before(tmp_path):
         assert "flagged" not in row and "acc_with_rejection" not in row
     payload = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     assert payload["model_spec"]["adversarial_class"] is False
-    assert checkpoint.rebuild_model(payload)(torch.rand(2, 1, 12, 12)).shape == (2, 4)
+    assert models.rebuild_model(payload)(torch.rand(2, 1, 12, 12)).shape == (2, 4)
 
 
 def test_sweep_summary_carries_the_accuracy_with_rejection(adv_class_run):
-    from advcli import summary, sweep
+    from advcli.runs import summary
+    from advcli.runs import sweep
 
     run, _ = adv_class_run
     row = sweep.read_run(run)
@@ -238,7 +241,7 @@ def test_sweep_summary_carries_the_accuracy_with_rejection(adv_class_run):
 
 
 def test_viz_of_an_adv_class_checkpoint_marks_flags_and_targets_only_real_classes(adv_class_run, tmp_path):
-    from advcli import viz
+    from advcli.evaluation import viz
     from conftest import compose_config as compose
 
     run, _ = adv_class_run
@@ -247,7 +250,7 @@ def test_viz_of_an_adv_class_checkpoint_marks_flags_and_targets_only_real_classe
     viz.visualize_checkpoints(cfg)
     assert (tmp_path / "gallery.png").is_file() and (tmp_path / "large_eps.png").is_file()
 
-    model = checkpoint.rebuild_model(checkpoint.load(run / "checkpoint.pt"))
+    model = models.rebuild_model(checkpoint.load(run / "checkpoint.pt"))
     from advcli import data
 
     images = data.load_split("synthetic", "test", root=".").subset(slice(0, 64))
@@ -301,7 +304,7 @@ def test_trades_first_attack_step_follows_the_kl_gradient_not_rounding_noise(tin
 
 def test_trades_attacks_in_eval_mode_by_default_and_needs_a_training_attack(tmp_path):
     from advcli.errors import ConfigError
-    from advcli.train import check_settings
+    from advcli.training.train import check_settings
 
     assert check_settings(compose_config("train", tiny_overrides(tmp_path, "trainer=trades"))).attack_mode == "eval"
     assert check_settings(compose_config("train", tiny_overrides(tmp_path))).attack_mode == "train"

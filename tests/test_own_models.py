@@ -13,11 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from advcli import checkpoint, sources, weights
+from advcli import models
 from advcli.data import dataset_info
 from advcli.errors import CheckpointError, ConfigError
-from advcli.evaluate import evaluate_checkpoint
-from advcli.train import train
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.models import sources, weights
+from advcli.runs import checkpoint
+from advcli.training.train import train
 from conftest import DATA_ROOT, compose_config, run_advcli, tiny_overrides
 
 # ../shared/models beside the data (or ADVCLI_MODELS): the released model of Wong & Kolter 2018
@@ -44,7 +46,7 @@ def eval_overrides(out: Path, *extra: str) -> list[str]:
 
 def test_a_sequential_twins_state_dict_evaluates_exactly_like_the_checkpoint(tmp_path, small_cnn_run, caplog):
     payload = checkpoint.load(small_cnn_run)
-    model = checkpoint.rebuild_model(payload)
+    model = models.rebuild_model(payload)
     state_file = tmp_path / "twin.pth"
     torch.save(sequential_twin(model.net).state_dict(), state_file)
     assert list(torch.load(state_file, weights_only=True))[:2] == ["0.weight", "0.bias"]
@@ -62,19 +64,19 @@ def test_a_sequential_twins_state_dict_evaluates_exactly_like_the_checkpoint(tmp
 def test_prefixed_keys_and_safetensors_load_the_same_weights(tmp_path, small_cnn_run):
     from safetensors.torch import save_file
 
-    net = checkpoint.rebuild_model(checkpoint.load(small_cnn_run)).net
+    net = models.rebuild_model(checkpoint.load(small_cnn_run)).net
     prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
     save_file(prefixed, str(tmp_path / "model.safetensors"))
     torch.save({"state_dict": prefixed, "epoch": torch.tensor(3)}, tmp_path / "nested.pt")
     for name in ("model.safetensors", "nested.pt"):
-        fresh = checkpoint.build_from_spec(checkpoint.load(small_cnn_run)["model_spec"]).net
+        fresh = models.build_from_spec(checkpoint.load(small_cnn_run)["model_spec"]).net
         renamed = weights.load_weights(fresh, weights.read_state_dict(tmp_path / name), where=name)
         assert ("module.conv1.weight", "conv1.weight") in renamed
         assert all(torch.equal(fresh.state_dict()[k], v) for k, v in net.state_dict().items()), name
 
 
 def test_a_state_dict_with_one_wrong_shape_is_refused_naming_the_key(tmp_path, small_cnn_run):
-    net = checkpoint.rebuild_model(checkpoint.load(small_cnn_run)).net
+    net = models.rebuild_model(checkpoint.load(small_cnn_run)).net
     named = dict(net.state_dict())
     named["fc1.weight"] = torch.zeros(7, named["fc1.weight"].shape[1])
     torch.save(named, tmp_path / "named.pth")
@@ -158,7 +160,7 @@ def test_eval_needs_one_model_and_says_what_weights_need(tmp_path):
 
 
 def test_import_writes_a_checkpoint_that_eval_and_viz_load(tmp_path, small_cnn_run):
-    net = checkpoint.rebuild_model(checkpoint.load(small_cnn_run)).net
+    net = models.rebuild_model(checkpoint.load(small_cnn_run)).net
     torch.save(sequential_twin(net).state_dict(), tmp_path / "twin.pth")
     imported = tmp_path / "imported.pt"
     done = run_advcli("import", f"weights={tmp_path / 'twin.pth'}", "model=small_cnn", "dataset=synthetic", "eps=0.1",

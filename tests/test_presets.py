@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from advcli import config
-from advcli.train import train
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 

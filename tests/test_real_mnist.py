@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from advcli.train import train
+from advcli.training.train import train
 from conftest import compose_config
 
 

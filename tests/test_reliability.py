@@ -13,12 +13,12 @@ import torch
 
 import shutil
 
-from advcli import checkpoint
-from advcli import train as train_module
-from advcli.checkpoint import CheckpointError
-from advcli.epoch import LrSchedule
 from advcli.errors import ConfigError, Interrupted, TrainingDiverged
-from advcli.train import train
+from advcli.runs import checkpoint
+from advcli.runs.checkpoint import CheckpointError
+from advcli.training import train as train_module
+from advcli.training.epoch import LrSchedule
+from advcli.training.train import train
 from conftest import compose_config, hold_run_directory, run_advcli, start_advcli, tiny_overrides
 
 # about a second per epoch on 2 CPU cores: long enough to be stopped in the middle of epoch 2
@@ -238,7 +238,7 @@ def test_resuming_another_model_is_refused_by_name(tmp_path):
 def test_bad_input_is_one_paragraph_before_any_work(tmp_path, monkeypatch, override, fragment):
     # in-process; the shell's side (exit status 2, one line) is test_the_refusal_is_one_paragraph_and_exit_status_2_from_the_shell
     from advcli.errors import UserError, one_paragraph
-    from advcli.train import train
+    from advcli.training.train import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU, here or on a GPU machine
     run_dir = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""advcli.report: every accuracy in the results table and the robustness curve (table, CSV, PNG) carries its
+"""advcli.runs.report: every accuracy in the results table and the robustness curve (table, CSV, PNG) carries its
 number of examples and its 95% Wilson interval, checked against scipy on planted metrics."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 from scipy.stats import binomtest
 
-from advcli import report
+from advcli.runs import report
 
 
 def scipy_wilson(successes: int, n: int) -> tuple[float, float]:

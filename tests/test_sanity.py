@@ -6,9 +6,10 @@ import json
 
 import torch
 
-from advcli import data, report
-from advcli.evaluate import EvalSettings, evaluate_model
-from advcli.train import train
+from advcli import data
+from advcli.evaluation.evaluate import evaluate_model, EvalSettings
+from advcli.runs import report
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 

@@ -1,4 +1,4 @@
-"""Seeds as statistics (advcli.seeds, advcli.summary): jobs that differ only in ``seed`` summarised as the mean,
+"""Seeds as statistics (advcli.runs.seeds, advcli.runs.summary): jobs that differ only in ``seed`` summarised as the mean,
 the sample standard deviation and n, in summary.csv, summary.md and summary.png; ``--per-job`` keeps every job."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from advcli import seeds, summary, sweep
+from advcli.runs import seeds, summary, sweep
 from conftest import run_advcli
 
 ACCURACY = {  # (eps, seed) -> (clean, pgd, any_attack) correct out of 200

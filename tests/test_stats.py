@@ -1,11 +1,11 @@
-"""advcli.stats: the Wilson interval and the exact McNemar test, checked against scipy's reference computations."""
+"""advcli.runs.stats: the Wilson interval and the exact McNemar test, checked against scipy's reference computations."""
 
 from __future__ import annotations
 
 import pytest
 from scipy.stats import binomtest
 
-from advcli.stats import format_interval, mcnemar_p_value, outside_noise, wilson_interval
+from advcli.runs.stats import format_interval, mcnemar_p_value, outside_noise, wilson_interval
 
 CASES = [(0, 1), (1, 1), (0, 10), (10, 10), (3, 10), (1, 2), (0, 1000), (1000, 1000), (1, 1000), (873, 1000),
          (9865, 10000), (250, 500)]

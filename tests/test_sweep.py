@@ -1,4 +1,4 @@
-"""Sweeps (advcli.sweep): the summary a multirun leaves, failed jobs, `advcli summarize`, Hydra's launchers.
+"""Sweeps (advcli.runs.sweep): the summary a multirun leaves, failed jobs, `advcli summarize`, Hydra's launchers.
 
 The sweeps run `advcli train -m` in a subprocess on the synthetic set, each job a few seconds.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from advcli import checkpoint
+from advcli.runs import checkpoint
 from conftest import hold_run_directory, run_advcli, start_advcli
 
 TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "epochs=1", "lr_schedule=constant", "device=cpu", "progress=false",
@@ -218,7 +218,8 @@ def test_a_sweep_killed_midway_and_run_again_trains_only_what_is_missing(tmp_pat
 def test_the_summary_carries_n_and_a_wilson_interval_for_every_accuracy(tmp_path):
     from scipy.stats import binomtest
 
-    from advcli import summary, sweep
+    from advcli.runs import summary
+    from advcli.runs import sweep
 
     def wilson(k: int, n: int) -> tuple[float, float]:
         reference = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
@@ -256,7 +257,8 @@ def test_the_summary_carries_n_and_a_wilson_interval_for_every_accuracy(tmp_path
 
 
 def test_a_summary_of_fast_evaluations_says_so(tmp_path):
-    from advcli import summary, sweep
+    from advcli.runs import summary
+    from advcli.runs import sweep
 
     for run, preset in (("a", "fast"), ("b", "fast")):
         (tmp_path / run).mkdir()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advcli import sweep, threads
+from advcli import threads
 from advcli.errors import ConfigError
+from advcli.runs import sweep
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Experiment tracking (advcli.tracking, advcli.loggers): what each logger holds, read back through the
+"""Experiment tracking (advcli.runs.tracking, advcli.runs.loggers): what each logger holds, read back through the
 libraries' own readers (MlflowClient, TensorBoard's EventAccumulator, csv), resumed runs, advcli eval, sweeps,
 and the one-paragraph errors. Tiny runs on the synthetic set, a few seconds each; the sweep runs in a subprocess."""
 
@@ -17,10 +17,11 @@ import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing import event_accumulator
 
-from advcli import config, loggers, tracking
+from advcli import config
 from advcli.errors import ConfigError, Interrupted, MissingExtra, TrackingError
-from advcli.evaluate import evaluate_checkpoint
-from advcli.train import train
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.runs import loggers, tracking
+from advcli.training.train import train
 from conftest import compose_config, run_advcli, tiny_overrides
 
 FAST = ["model.hidden=[32]", "evaluation.num_examples=64", "evaluation.attacks.pgd.steps=3",
@@ -160,7 +161,7 @@ def test_a_resumed_run_continues_its_own_mlflow_run_and_the_logger_never_blocks_
     def stop(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("advcli.train.final_evaluation", stop)  # ends after its epoch is saved and logged
+    monkeypatch.setattr("advcli.training.train.final_evaluation", stop)  # ends after its epoch is saved and logged
     with pytest.raises(type(error)):
         train(compose_config("train", tiny(run, "epochs=1", *with_mlflow)))
     [first] = mlflow_runs(uri)
@@ -203,7 +204,7 @@ def test_a_logger_that_fails_mid_run_is_dropped_and_training_goes_on(tmp_path, m
         raise OSError("disk full")
 
     monkeypatch.setattr(loggers.CsvLogger, "log_metrics", broken)
-    with caplog.at_level(logging.WARNING, logger="advcli.tracking"):
+    with caplog.at_level(logging.WARNING, logger="advcli.runs.tracking"):
         metrics = train(compose_config("train", tiny(tmp_path / "run", "logger=[csv,tensorboard]")))
     assert (tmp_path / "run" / "metrics.json").is_file() and metrics["history"]
     assert "logger csv failed (OSError: disk full)" in caplog.text
@@ -214,7 +215,7 @@ def test_a_logger_that_fails_mid_run_is_dropped_and_training_goes_on(tmp_path, m
 def test_under_torchrun_only_rank_0_logs(tmp_path):
     uri, run = store(tmp_path), tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                           "advcli.train", *tiny(run, "epochs=2", "amp=off", "logger=[csv,mlflow]", "log_batches=true",
+                           "advcli.training.train", *tiny(run, "epochs=2", "amp=off", "logger=[csv,mlflow]", "log_batches=true",
                                                  f"logger.mlflow.tracking_uri={uri}")],
                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
@@ -315,7 +316,7 @@ def test_an_eval_whose_store_is_out_of_reach_keeps_its_results(tmp_path, monkeyp
         raise TrackingError("the store cannot be opened")
 
     monkeypatch.setattr(tracking, "open_logger", unreachable)
-    with caplog.at_level(logging.WARNING, logger="advcli.tracking"):
+    with caplog.at_level(logging.WARNING, logger="advcli.runs.tracking"):
         metrics = evaluate_checkpoint(compose_config("eval", [f"ckpt={run / 'checkpoint.pt'}", "evaluation=fast",
                                                               "evaluation.sanity.enabled=false", "device=cpu",
                                                               "progress=false", "logger=csv",
@@ -325,7 +326,7 @@ def test_an_eval_whose_store_is_out_of_reach_keeps_its_results(tmp_path, monkeyp
 
 
 def test_a_sweep_stopped_before_its_end_leaves_no_parent_run_running(tmp_path, monkeypatch):
-    from advcli import sweep
+    from advcli.runs import sweep
 
     uri, at_exit = store(tmp_path), []
     monkeypatch.setattr(sweep.atexit, "register", lambda function, *args, **kwargs: at_exit.append(

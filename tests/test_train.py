@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from advcli import checkpoint
-from advcli.evaluate import evaluate_checkpoint
-from advcli.report import training_results
-from advcli.train import train
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.runs import checkpoint
+from advcli.runs.report import training_results
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 
@@ -128,9 +128,9 @@ def test_the_run_is_labelled_with_the_attack_chosen_on_the_command_line(tmp_path
 
 
 def test_the_held_out_check_runs_in_the_evaluation_precision_whatever_the_training_precision(tmp_path, monkeypatch):
-    from advcli import attacks, config, data, runtime
-    from advcli import train as train_module
-    from advcli.evaluate import evaluate
+    from advcli import attacks, config, data, models, runtime
+    from advcli.training import train as train_module
+    from advcli.evaluation.evaluate import evaluate
 
     seen = []
 
@@ -143,7 +143,7 @@ def test_the_held_out_check_runs_in_the_evaluation_precision_whatever_the_traini
     assert metrics["precision"] == "bf16 autocast" and seen == [None]  # trained in bf16, checked in fp32
 
     # and the recorded numbers are the fp32 ones: recomputed from the checkpoint with the same seed
-    model = checkpoint.rebuild_model(checkpoint.load(tmp_path / "checkpoint.pt"))
+    model = models.rebuild_model(checkpoint.load(tmp_path / "checkpoint.pt"))
     train_split = data.load_split("synthetic", "train", root=".")
     n_val = min(64, len(train_split) // 10)  # data.val_size=64, at most a tenth of the split
     held_out = train_split.subset(slice(len(train_split) - n_val, len(train_split)))

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from advcli import data, viz
-from advcli.checkpoint import load, rebuild_model
-from advcli.train import train
+from advcli import data
+from advcli.evaluation import viz
+from advcli.models import rebuild_model
+from advcli.runs.checkpoint import load
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -124,7 +126,7 @@ def test_viz_refuses_checkpoints_of_different_datasets(synthetic_runs, tmp_path)
     train(compose_config("train", tiny_overrides(other, "dataset.image_size=8", "evaluation.sanity.enabled=false")))
     cfg = compose_config("viz", [f"ckpt={synthetic_runs['pgd'] / 'checkpoint.pt'}", f"compare={other / 'checkpoint.pt'}",
                                  "device=cpu", f"output_dir={tmp_path / 'out'}"])
-    from advcli.checkpoint import CheckpointError
+    from advcli.runs.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="same dataset"):
         viz.visualize_checkpoints(cfg)

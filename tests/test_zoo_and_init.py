@@ -9,11 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from advcli import checkpoint, leaderboard, sources, zoo
+from advcli import models
 from advcli.data import dataset_info
 from advcli.errors import CheckpointError, ConfigError
-from advcli.evaluate import evaluate_checkpoint
-from advcli.train import train
+from advcli.evaluation import leaderboard
+from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.models import sources, zoo
+from advcli.runs import checkpoint
+from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
 PLANTED = "Tiny2026Planted"
@@ -145,7 +148,7 @@ def test_init_keeps_the_body_and_gives_new_classes_a_new_head(four_class_run):
     source = checkpoint.load(four_class_run)
     cfg = compose_config("train", ["model=mlp", "dataset=synthetic", "dataset.num_classes=3"])
     spec = sources.spec_from_config(cfg.model, dataset_info("synthetic", num_classes=3))
-    model = checkpoint.build_from_spec(spec)
+    model = models.build_from_spec(spec)
     record = sources.initialise(model, str(four_class_run), "auto", spec, robustbench_dir="models")
     head = sources.head_keys(model.net.state_dict(), model.net)
     assert record["head"] == "reset" and record["kind"] == "checkpoint" and len(head) == 2
@@ -156,7 +159,7 @@ def test_init_keeps_the_body_and_gives_new_classes_a_new_head(four_class_run):
         else:
             assert torch.equal(value, trained), key
     with pytest.raises(ConfigError, match="init_head=reset"):
-        sources.initialise(checkpoint.build_from_spec(spec), str(four_class_run), "keep", spec, robustbench_dir="")
+        sources.initialise(models.build_from_spec(spec), str(four_class_run), "keep", spec, robustbench_dir="")
 
 
 def test_a_fine_tuning_run_records_where_it_started(tmp_path, four_class_run):
@@ -224,7 +227,7 @@ def test_init_gives_a_head_trained_on_other_class_names_a_new_one_even_when_its_
         "evaluation.sanity.enabled=false")))
     trained = checkpoint.load(source_run / "checkpoint.pt")["model"]
     spec = folder_spec(class_folder(tmp_path / "cd", ["c", "d"]))
-    model = checkpoint.build_from_spec(spec)
+    model = models.build_from_spec(spec)
     head = sources.head_keys(model.net.state_dict(), model.net)
     record = sources.initialise(model, str(source_run / "checkpoint.pt"), "auto", spec, robustbench_dir="")
     assert record["head"] == "reset" and record["classes"] == ["a", "b"]
@@ -233,9 +236,9 @@ def test_init_gives_a_head_trained_on_other_class_names_a_new_one_even_when_its_
         assert value.shape == source_value.shape
         assert (not torch.equal(value, source_value)) if key in head else torch.equal(value, source_value), key
     with pytest.raises(ConfigError, match=r"init_head=keep: its last layer was trained on the classes \['a', 'b'\]"):
-        sources.initialise(checkpoint.build_from_spec(spec), str(source_run / "checkpoint.pt"), "keep", spec,
+        sources.initialise(models.build_from_spec(spec), str(source_run / "checkpoint.pt"), "keep", spec,
                            robustbench_dir="")
     same = folder_spec(class_folder(tmp_path / "ab-again", ["a", "b"]))
-    kept = sources.initialise(checkpoint.build_from_spec(same), str(source_run / "checkpoint.pt"), "auto", same,
+    kept = sources.initialise(models.build_from_spec(same), str(source_run / "checkpoint.pt"), "auto", same,
                               robustbench_dir="")
     assert kept["head"] == "kept"

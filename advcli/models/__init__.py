@@ -1,4 +1,7 @@
-"""Model registry: names -> architectures, each built behind ``Normalize``.
+"""The models wing: architectures and their registry (names -> models, each built behind ``Normalize``), the
+spec a checkpoint records (`spec`), classes of one's own (`custom`, `timm_net`), foreign weights (`weights`),
+RobustBench's zoo (`zoo`) and where a run's model comes from (`sources`). Imports the shared top level,
+`advcli.runs` (checkpoint files) and `advcli.data` (a dataset's shape); never attacks, evaluation or training.
 
 ``build_model`` is the one place a model is made from plain values (the
 config stays in ``train``/``evaluate``). Every model it returns takes pixels in
@@ -29,7 +32,7 @@ from advcli.models.preact_resnet import PreActResNet18
 from advcli.models.resnet18 import ResNet18
 from advcli.models.small_cnn import SmallCNN
 from advcli.models.wide_resnet import WideResNet
-from advcli.zoo import ZooNet
+from advcli.models.zoo import ZooNet
 
 __all__ = [
     "EXTERNAL_MODELS",
@@ -58,7 +61,7 @@ MODELS: dict[str, type] = {
 }
 # architectures defined by other packages, built through advcli's registry all the same
 EXTERNAL_MODELS: dict[str, type] = {
-    "robustbench": ZooNet,  # an architecture of RobustBench's zoo (advcli.zoo; needs the robustbench extra)
+    "robustbench": ZooNet,  # an architecture of RobustBench's zoo (advcli.models.zoo; needs the robustbench extra)
 }
 
 # given by build_model itself, never through **kwargs
@@ -147,3 +150,7 @@ def uses_batchnorm(model: nn.Module) -> bool:
 def is_convolutional(model: nn.Module) -> bool:
     """True if ``model`` has an ``nn.Conv2d``, i.e. ``channels_last`` can pay off."""
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+# The spec a checkpoint records and the model built back from it (after the registry: spec.py calls build_model).
+from advcli.models.spec import architecture, build_from_spec, model_spec, num_outputs, rebuild_model  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""A sweep's summary: ``summary.csv``, ``summary.md`` and ``summary.png`` from the rows of `advcli.sweep.summarize`.
+"""A sweep's summary: ``summary.csv``, ``summary.md`` and ``summary.png`` from the rows of `advcli.runs.sweep.summarize`.
 
 - ``summary.csv``: one row per job with its overrides, the number of test examples ``n``, clean and robust
   accuracy per evaluation attack (fractions, exactly as in the job's metrics.json) each with its 95% Wilson
@@ -7,7 +7,7 @@
   of the headline (any-attack) accuracy;
 - ``summary.png``: clean and robust accuracy against eps with 95% error bars, one line per training attack.
 
-When jobs differ only in ``seed`` (`advcli.seeds`), each file has one row (or point) per group of seeds instead:
+When jobs differ only in ``seed`` (`advcli.runs.seeds`), each file has one row (or point) per group of seeds instead:
 ``{column}_mean``, ``{column}_std`` and ``n_seeds`` in the CSV, ``87.1 ± 0.4 (n=3)`` in the table, the mean with
 one standard deviation as error bars in the plot; ``per_job=True`` (``advcli summarize --per-job``) keeps one row
 per job.
@@ -22,10 +22,10 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from advcli import seeds
 from advcli.errors import SweepError
-from advcli.report import percent
-from advcli.stats import format_interval
+from advcli.runs import seeds
+from advcli.runs.report import percent
+from advcli.runs.stats import format_interval
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 IDENTITY = ("dataset", "model", "attack", "eps")  # always known per job; never repeated as override columns
@@ -291,7 +291,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
 def write_summary(rows: Sequence[dict[str, Any]], folder: Path, sweep: dict | None = None, *,
                   per_job: bool = False) -> str:
     """Write summary.csv, summary.md and summary.png into ``folder``; returns summary.md's text. Jobs that differ
-    only in ``seed`` make one row per group (`advcli.seeds.group`) unless ``per_job``."""
+    only in ``seed`` make one row per group (`advcli.runs.seeds.group`) unless ``per_job``."""
     folder = Path(folder)
     groups = None if per_job else seeds.group(rows)
     try:

@@ -1,7 +1,7 @@
 """Seeds as statistics: the summary rows of jobs that differ only in ``seed`` become one row, with per column the
 mean, the sample standard deviation and n (the seeds that finished).
 
-`group(rows)` takes `advcli.sweep.summarize`'s rows (one per job) and returns one row per group, or None when no
+`group(rows)` takes `advcli.runs.sweep.summarize`'s rows (one per job) and returns one row per group, or None when no
 two jobs differ only in their seed (the summary then stays one row per job). A job's settings are its whole config
 (the sweep job's ``.hydra/config.yaml``, or the ``settings_id`` a run writes into metrics.json), less ``seed`` and
 the settings that change no result (`advcli.config.NOT_IN_FINGERPRINT`: device, logger, output_dir, ...). A job
@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Mapping, Sequence
 
-from advcli.config import NOT_IN_FINGERPRINT, fingerprint_id, flatten
+from advcli.config import fingerprint_id, flatten, NOT_IN_FINGERPRINT
 
 TIMES = ("train_time_s", "eval_time_s")  # averaged besides every accuracy column
 SHARED = ("dataset", "model", "attack", "eps", "eps_value", "evaluation")  # the same in every job of a group

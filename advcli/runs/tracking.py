@@ -1,4 +1,4 @@
-"""What a run tells the experiment trackers chosen with ``logger=...``, and when (the trackers: `advcli.loggers`).
+"""What a run tells the experiment trackers chosen with ``logger=...``, and when (the trackers: `advcli.runs.loggers`).
 
 Through every chosen logger, a run (``advcli train`` or ``advcli eval``) logs, from rank 0 only:
 
@@ -11,7 +11,7 @@ Through every chosen logger, a run (``advcli train`` or ``advcli eval``) logs, f
   results table and the sanity report as texts, and the run directory's files (`run_files`);
 - its status: ``FINISHED``, ``FAILED`` (an error) or ``KILLED`` (Ctrl-C, SIGTERM).
 
-The run directory's ``tracking.json`` keeps each logger's run (`advcli.loggers.Logger.state`): a resumed run
+The run directory's ``tracking.json`` keeps each logger's run (`advcli.runs.loggers.Logger.state`): a resumed run
 continues its own MLflow run, and ``advcli eval`` of its checkpoint is nested under it. A sweep opens one MLflow
 parent run (`start_sweep`; its id in the sweep directory's ``tracking.json``, which jobs in other processes read)
 and nests each job's run under it; TensorBoard and CSV logs live in each job's folder, so ``tensorboard --logdir
@@ -29,8 +29,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from advcli import config, loggers, report
-from advcli.errors import ConfigError, Interrupted, TrackingError, UserError, one_paragraph
+from advcli import config
+from advcli.errors import one_paragraph, ConfigError, Interrupted, TrackingError, UserError
+from advcli.runs import loggers, paths, report
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,7 @@ def write_state(folder: Path, state: Mapping[str, Any]) -> None:
 
 def sweep_folder() -> Path | None:
     """The sweep directory when this process runs a job of a multirun."""
-    from advcli.sweep import in_multirun
-
-    if not in_multirun():
+    if not paths.in_multirun():
         return None
     from hydra.core.hydra_config import HydraConfig
 
@@ -311,7 +310,7 @@ def record_evaluation(cfg: Any, out: Path, metrics: Mapping[str, Any]) -> None:
     ckpt = cfg.get("ckpt")  # None for weights= or robustbench=: no training run to link to
     training = Path(str(ckpt)).resolve().parent if ckpt else None
     link = read_state(training)
-    tags = {"advcli.checkpoint": str(metrics.get("checkpoint", ckpt)),
+    tags = {"advcli.runs.checkpoint": str(metrics.get("checkpoint", ckpt)),
             **({"advcli.training_run_dir": str(training)} if link else {})}
     try:
         with tracked(cfg, out, command="eval", link=link, tags=tags) as tracker:

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from advcli import attacks, checkpoint, config, data, paths, runtime
-from advcli.checkpoint import atomic_write
-from advcli.sources import with_class
+from advcli import attacks, config, data, runtime
+from advcli.models.sources import with_class
+from advcli.runs import checkpoint, paths
+from advcli.runs.checkpoint import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -229,7 +230,7 @@ def draw_large_eps(models: dict[str, nn.Module], x: torch.Tensor, names: list[st
 
 
 def _figure(width_in: float, height_in: float) -> Figure:
-    from matplotlib.figure import Figure  # here, not at the top: importing advcli.viz stays cheap
+    from matplotlib.figure import Figure  # here, not at the top: importing advcli.evaluation.viz stays cheap
 
     return Figure(figsize=(width_in, height_in), dpi=DPI)  # savefig needs no canvas attached
 
@@ -285,7 +286,7 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
         label = config.training_label(payload["config"])  # e.g. "pgd-trained", "adv_class (pgd)"
         if label in models:
             label = f"{label} ({key})"
-        models[label] = checkpoint.rebuild_model(payload, sources[key]).to(device).eval()
+        models[label] = models.rebuild_model(payload, sources[key]).to(device).eval()
     dataset = config.dataset_choice(first["config"]["dataset"])
     images = data.load_split(dataset.name, "test", root=config.data_root(cfg.data.root), download=cfg.data.download,
                              **dataset.options)
@@ -303,10 +304,3 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {label}: mean corr(|saliency|, image) {correlations[label]:.3f}; "
               f"median PGD loss {medians[label]:.3f}")
     return {"out": str(out), "saliency_correlation": correlations, "median_pgd_loss": medians}
-
-
-
-if __name__ == "__main__":  # python -m advcli.viz: the same as advcli viz
-    from advcli.cli import viz_app
-
-    viz_app()

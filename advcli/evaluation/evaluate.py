@@ -4,7 +4,7 @@ the sanity report) and `evaluate_checkpoint` (what ``advcli eval`` runs: a check
 The model runs in eval mode (BatchNorm statistics frozen, weights never updated); attacks run under
 ``torch.no_grad`` except for their input gradients. An example the model already misclassifies is broken for
 every attack and is not attacked. How the attacks share the rest is the evaluation preset's choice
-(`advcli.outcomes`):
+(`advcli.evaluation.cascade`):
 
 - ``evaluation=default``: a cascade, as AutoAttack runs its attacks: APGD-CE, then targeted APGD-DLR, then the
   gradient-free Square attack, each only on what the ones before left standing; Square takes the survivors
@@ -13,7 +13,7 @@ every attack and is not attacked. How the attacks share the rest is the evaluati
   is their per-example AND. Quick, and easily fooled by misleading gradients.
 - ``evaluation=autoattack``: the reference AutoAttack (standard version), for leaderboard numbers.
 
-Every accuracy carries its number of examples and a Wilson 95% interval (`advcli.stats`).
+Every accuracy carries its number of examples and a Wilson 95% interval (`advcli.runs.stats`).
 
 ``advcli eval ckpt=PATH`` rebuilds the model from the checkpoint alone (architecture, classes,
 dataset and its normalisation are stored in it) and evaluates it; eps (one value or a list: a
@@ -24,22 +24,22 @@ default to the training run's values.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from advcli import autoattack, checkpoint, config, data, distributed, leaderboard, paths, report, runtime, sanity, sources
-from advcli import tracking
-from advcli.attacks import Attack
+from advcli import config, data, distributed, models, runtime
+from advcli.attacks import checks as attack_checks, reference as autoattack, Attack
 from advcli.errors import ConfigError
-from advcli.outcomes import Outcomes, attack_outcomes, cascade_outcomes
+from advcli.evaluation import leaderboard, sanity
+from advcli.evaluation.cascade import attack_outcomes, cascade_outcomes, Outcomes
+from advcli.models import sources
+from advcli.runs import checkpoint, paths, report, tracking
 
 SPLITS = ("train", "test")
 
@@ -155,7 +155,7 @@ class Evaluation:
 def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping[str, Any], settings: EvalSettings,
                    ranks: distributed.Ranks = distributed.Ranks()) -> Evaluation:
     """Evaluate ``model`` on ``images`` (on the model's device) against every attack of ``attack_cfgs``
-    (``{name: attack config}``) at every eps, then run the sanity checks (`advcli.sanity`).
+    (``{name: attack config}``) at every eps, then run the sanity checks (`advcli.evaluation.sanity`).
 
     The random starts come from generators seeded with ``settings.seed``: the numbers are a function of the
     model, the settings and the seed, whatever ran before. Under torchrun each rank attacks a contiguous share
@@ -222,12 +222,12 @@ def _probe_fits(attack_cfg: Mapping[str, Any], settings: EvalSettings, num_class
     """Whether a probe attack can run on this model: the reference attacks need 4 classes, no adversarial-input
     output, and (L2 Square) an image size the reference code can tile. The probe leaves out what cannot."""
     kind = config.attack_kind(attack_cfg)
-    if kind in config.REFERENCE_ATTACKS and settings.adversarial_class:
+    if kind in attack_checks.REFERENCE_ATTACKS and settings.adversarial_class:
         return False
     if kind == "square" and settings.norm == "l2" and not autoattack.square_l2_fits(*size):
         return False
     try:
-        config.check_attack_fits("evaluation.sanity.stronger", OmegaConf.create(dict(attack_cfg)), norm=settings.norm,
+        attack_checks.check_attack_fits("evaluation.sanity.stronger", OmegaConf.create(dict(attack_cfg)), norm=settings.norm,
                                  num_classes=num_classes)
     except ConfigError:
         return False
@@ -317,7 +317,7 @@ def check_eval_settings(cfg: DictConfig) -> CheckpointEvaluation:
     spec = payload["model_spec"]
     s = config.run_settings(cfg, dim=spec["in_channels"] * spec["image_size"] ** 2, allow_eps_list=True)
     attack_cfgs = eval_attack_configs(cfg, spec)
-    config.check_evaluation_attacks(attack_cfgs, norm=s.norm, num_classes=checkpoint.num_outputs(spec),
+    attack_checks.check_evaluation_attacks(attack_cfgs, norm=s.norm, num_classes=models.num_outputs(spec),
                                     adversarial_class=bool(spec.get("adversarial_class")))
     split = config.require_choice("split", cfg.split, SPLITS)
     if cfg.model_info.path is not None:
@@ -367,7 +367,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     job = check_eval_settings(cfg)
     with distributed.joined(runtime.resolve_device(cfg.device)) as (ranks, device):
         out = distributed.same_on_all_ranks(paths.output_dir(cfg) if ranks.is_main else None)
-        rebuilt = checkpoint.rebuild_model(job.payload, job.where, recorded=cfg.get("ckpt") is not None)
+        rebuilt = models.rebuild_model(job.payload, job.where, recorded=cfg.get("ckpt") is not None)
         dataset, images = load_examples(job, device)
         model, channels_last = runtime.prepare_model(rebuilt, device, cfg.channels_last)
         if cfg.save_checkpoint is not None and ranks.is_main:
@@ -404,10 +404,3 @@ def write_model_info(about: Any, metrics: dict[str, Any]) -> None:
     entry = leaderboard.model_info(metrics, config.plain(about))
     report.write_json(about.path, entry)
     print(f"wrote RobustBench's model_info entry to {about.path}")
-
-
-if __name__ == "__main__":  # python -m advcli.evaluate (and torchrun -m advcli.evaluate): the same as advcli eval
-    from advcli.cli import eps_list_as_typed, eval_app
-
-    sys.argv = [sys.argv[0], *eps_list_as_typed(sys.argv[1:])]
-    eval_app()

@@ -32,9 +32,10 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from advcli import attacks, runtime, stats
+from advcli import attacks, runtime
 from advcli.config import format_eps
-from advcli.report import percent
+from advcli.runs import stats
+from advcli.runs.report import percent
 
 # A probe: (attack, eps) -> per-example "still correctly classified" on the probe examples, bool (n,).
 Measure = Callable[[attacks.Attack, float], torch.Tensor]

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from advcli.data import DatasetInfo, ImageSet
+from advcli.data.sets import DatasetInfo, ImageSet
 from advcli.errors import DataError
-from advcli.report import write_json
+from advcli.runs.report import write_json
 
 DEFAULTS = {"path": None, "image_size": 32, "channels": 3, "shuffle_seed": 0}
 STATS_FILE = ".advcli-stats.json"

@@ -2,7 +2,7 @@
 `percent`, the one percent formatter.
 
 Every test accuracy shown or written here carries its number of examples and a 95% Wilson score interval
-(`advcli.stats`): read from the evaluation's ``n`` and ``ci95``, or, for a metrics.json written before
+(`advcli.runs.stats`): read from the evaluation's ``n`` and ``ci95``, or, for a metrics.json written before
 those keys, computed from the accuracy and the run's example count (`accuracy_interval`)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from advcli.checkpoint import atomic_write
 from advcli.config import format_eps
-from advcli.stats import format_interval, wilson_interval
+from advcli.runs.checkpoint import atomic_write
+from advcli.runs.stats import format_interval, wilson_interval
 
 
 def percent(value: float | None, *, digits: int = 2, sign: bool = True) -> str:

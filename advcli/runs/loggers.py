@@ -1,5 +1,5 @@
 """The experiment trackers a run can log to (``logger=csv``, ``tensorboard``, ``mlflow``), each behind one small
-interface; `advcli.tracking` decides what is logged and when.
+interface; `advcli.runs.tracking` decides what is logged and when.
 
 A logger takes the resolved config (`log_config`), metrics at an integer step (`log_metrics`), string tags
 (`set_tags`), a Markdown text (`log_text`), the run directory's files (`log_files`) and ends with a status

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from advcli.errors import DataError, one_paragraph
+from advcli.data import folder
+from advcli.data.sets import DatasetInfo, ImageSet
+from advcli.errors import one_paragraph, DataError
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "synthetic", "folder")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -41,22 +42,6 @@ SPLITS: tuple[str, ...] = ("train", "test")
 # =============================================================================================
 # Descriptions and containers
 # =============================================================================================
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about a dataset: classes, input shape, normalisation.
-
-    ``mean`` and ``std`` are per channel in [0, 1] pixel units, for the model's ``Normalize`` layer.
-    """
-
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int  # square images, pixels per side
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...] | None = None  # class names, where the data has them (dataset=folder)
 
 
 # Per-channel statistics of the training splits, as commonly published.
@@ -74,47 +59,6 @@ _PRETTY = {
     "cifar100": "CIFAR-100",
     "svhn": "SVHN",
 }
-
-
-@dataclass
-class ImageSet:
-    """One split of a dataset, whole: ``images`` uint8 (N, C, H, W) contiguous, ``labels`` int64 (N,).
-
-    Both tensors live on the same device; `to` moves them together, `subset` selects examples.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise TypeError(
-                f"ImageSet.images must be a uint8 tensor (N, C, H, W); got {self.images.dtype} "
-                f"with shape {tuple(self.images.shape)}"
-            )
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise TypeError(
-                f"ImageSet.labels must be an int64 tensor (N,); got {self.labels.dtype} "
-                f"with shape {tuple(self.labels.shape)}"
-            )
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"ImageSet has {len(self.images)} images but {len(self.labels)} labels")
-        if self.images.device != self.labels.device:
-            raise ValueError(f"ImageSet images are on {self.images.device} but labels on {self.labels.device}")
-        self.images = self.images.contiguous()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def to(self, device: torch.device | str) -> ImageSet:
-        """The same examples on ``device`` (no copy when they are already there)."""
-        return ImageSet(self.images.to(device), self.labels.to(device))
-
-    def subset(self, index: slice | torch.Tensor) -> ImageSet:
-        """The examples picked by ``index``: a slice, a LongTensor of positions or a bool mask (N,)."""
-        if isinstance(index, torch.Tensor):
-            index = index.to(self.images.device)
-        return ImageSet(self.images[index], self.labels[index])
 
 
 # =============================================================================================
@@ -145,7 +89,6 @@ def _check_name(name: str) -> str:
 def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The synthetic set's and the image folder's options with defaults filled in and checked; the others take none."""
     if name == "folder":
-        from advcli import folder  # it builds on this module's ImageSet and DatasetInfo
 
         return folder.options(options)
     if name != "synthetic":
@@ -187,7 +130,6 @@ def dataset_info(name: str, **options: Any) -> DatasetInfo:
     _check_name(name)
     opts = _options(name, options)
     if name == "folder":
-        from advcli import folder
 
         return folder.info(**opts)
     if name == "synthetic":
@@ -199,7 +141,6 @@ def dataset_info(name: str, **options: Any) -> DatasetInfo:
 def split_order(name: str, **options: Any) -> str:
     """The order of a dataset's splits, in words, for the results: which images "the first N" are."""
     if name == "folder":
-        from advcli import folder
 
         return folder.order_note(_options(name, options))
     return "the dataset's own order"
@@ -237,7 +178,6 @@ def load_split(name: str, split: str, *, root: str | os.PathLike, download: bool
     if name == "synthetic":
         return _make_synthetic(split, **opts)
     if name == "folder":
-        from advcli import folder
 
         return folder.load_split(split, **opts)
     if root is None or str(root) == "":

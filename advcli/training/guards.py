@@ -1,5 +1,5 @@
 """What watches a training run and may end it: catastrophic overfitting (`overfitting`), robustness that never
-came (`never_robust`), and SIGINT/SIGTERM (`StopRequests`). `advcli.train` acts on what they say."""
+came (`never_robust`), and SIGINT/SIGTERM (`StopRequests`). `advcli.training.train` acts on what they say."""
 
 from __future__ import annotations
 

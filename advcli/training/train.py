@@ -6,7 +6,7 @@
    second live process there is refused), then **build** the run: data, model, optimiser, schedule (`build_run`);
 2. **restore** it from its checkpoint when the same run was stopped before (`resume`; a checkpoint of
    another experiment is refused, see `advcli.config.fingerprint`);
-3. **fit**: per epoch, train (`advcli.epoch.train_epoch`), validate on a held-out slice of the training split,
+3. **fit**: per epoch, train (`advcli.training.epoch.train_epoch`), validate on a held-out slice of the training split,
    save ``checkpoint.pt`` (and ``best.pt``), and watch for catastrophic overfitting;
 4. **evaluate** the final model on the test set against every evaluation attack and report.
 
@@ -14,7 +14,7 @@ No finished work is lost: SIGINT/SIGTERM finish the current batch and save a mid
 running the same command again in the same run directory (or with ``resume=PATH``) continues exactly
 where the run stopped; a finished run only shows its results again.
 
-Run ``python -m advcli.train`` or ``advcli train`` with Hydra overrides, e.g. ``attack=pgd eps=8/255``.
+Run ``python -m advcli.training.train`` or ``advcli train`` with Hydra overrides, e.g. ``attack=pgd eps=8/255``.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from advcli import (attacks, averaging, checkpoint, config, data, distributed, paths, report, runtime, seeds, sources,
-                    tracking)
-from advcli.epoch import EpochPlan, EpochProgress, Objective, Optimisation, lr_schedule, train_epoch
+from advcli import attacks, config, data, distributed, models, runtime
+from advcli.attacks import checks as attack_checks
 from advcli.errors import ConfigError, UserError
-from advcli.guards import StopRequests, never_robust, overfitting
-from advcli.evaluate import eval_settings, evaluate, evaluate_model, evaluation_attack_configs
-from advcli.models import uses_batchnorm
+from advcli.evaluation.evaluate import eval_settings, evaluate, evaluate_model, evaluation_attack_configs
+from advcli.models import sources, uses_batchnorm
+from advcli.runs import checkpoint, paths, report, seeds, tracking
+from advcli.training import averaging
+from advcli.training.epoch import lr_schedule, train_epoch, EpochPlan, EpochProgress, Objective, Optimisation
+from advcli.training.guards import never_robust, overfitting, StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,8 @@ def check_settings(cfg: DictConfig) -> Choices:
     config.check_training(cfg)
     tracking.check(cfg)  # the loggers and their libraries, before any work
     attack_name, trainer_name = config.choice_name(cfg.attack, "attack"), config.choice_name(cfg.trainer, "trainer")
-    config.check_attack_fits("attack", cfg.attack, norm=settings.norm, num_classes=info.num_classes, training=True)
-    config.check_attack_fits("validation.attack", cfg.validation.attack, norm=settings.norm,
+    attack_checks.check_attack_fits("attack", cfg.attack, norm=settings.norm, num_classes=info.num_classes, training=True)
+    attack_checks.check_attack_fits("validation.attack", cfg.validation.attack, norm=settings.norm,
                              num_classes=info.num_classes)
     objective = config.instantiate("trainer", cfg.trainer, attack=config.instantiate("attack", cfg.attack))
     flagged = bool(objective.extra_outputs)
@@ -80,7 +82,7 @@ def check_settings(cfg: DictConfig) -> Choices:
             "flag; the reference attacks are not adaptive to it. Leave validation.attack at the trainer's choice (pgd).")
     config.check_evaluation_config(cfg.evaluation)
     eval_attacks = evaluation_attack_configs(cfg.evaluation, {"adversarial_class": flagged})
-    config.check_evaluation_attacks(eval_attacks, norm=settings.norm,
+    attack_checks.check_evaluation_attacks(eval_attacks, norm=settings.norm,
                                     num_classes=info.num_classes + objective.extra_outputs, adversarial_class=flagged)
     if objective.needs_attack and config.attack_kind(cfg.attack) == "none":
         raise ConfigError(f"trainer={trainer_name} trains on the training attack's outputs, but attack=none makes "
@@ -151,7 +153,7 @@ def load_data(cfg: DictConfig, choices: Choices, device: torch.device) -> tuple[
 
 
 def run_directory(cfg: DictConfig, ranks: distributed.Ranks) -> Path:
-    """The run directory, made and claimed by rank 0 for this run (`advcli.paths.claim`: another live process in
+    """The run directory, made and claimed by rank 0 for this run (`advcli.runs.paths.claim`: another live process in
     it is refused); every rank gets it, or the same refusal, so that no rank waits for one that has given up."""
     found: Path | UserError | None = None
     if ranks.is_main:
@@ -176,7 +178,7 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
     runtime.seed_everything(cfg.seed)
     train_set, val_set, test_set = load_data(cfg, choices, device)
     spec = sources.spec_from_config(cfg.model, info, adversarial_class=bool(choices.objective.extra_outputs))
-    model = checkpoint.build_from_spec(spec)
+    model = models.build_from_spec(spec)
     fresh = checkpoint.resume_point(cfg.resume, out / "checkpoint.pt") is None  # a resumed run has its weights
     started_from = None if cfg.init is None or not fresh else sources.initialise(
         model, cfg.init, cfg.init_head, spec, robustbench_dir=cfg.robustbench_dir, key=cfg.weights_key)
@@ -474,9 +476,3 @@ def train_run(run: Run, started: float) -> dict[str, Any]:
                           enabled=run.ranks.is_main) as run.tracker:
         fit(run, state)
         return final_evaluation(run, state, started)
-
-
-if __name__ == "__main__":  # python -m advcli.train (and torchrun -m advcli.train): the same as advcli train
-    from advcli.cli import train_app
-
-    train_app()

@@ -1,5 +1,5 @@
 """Sweeps (Hydra multirun): each job's folder and records, finding a sweep's runs, and the callback that writes
-the summary (`advcli.summary`) when the sweep ends; ``advcli summarize PATH`` rebuilds it after the fact.
+the summary (`advcli.runs.summary`) when the sweep ends; ``advcli summarize PATH`` rebuilds it after the fact.
 
 ``advcli train -m eps=2/255,4/255,8/255 attack=fgsm,pgd`` runs one job per combination, each in its own
 folder of the sweep directory, named by its settings (``outputs/multirun/DATE/TIME/attack=pgd,eps=8_255``,
@@ -30,11 +30,12 @@ from typing import Any, Iterable, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from advcli import seeds
 from advcli.config import choice_name
-from advcli.errors import RunDirectoryBusy, SweepError, UserError, one_paragraph
-from advcli.report import accuracy_interval, examples_in
-from advcli.summary import SUMMARY_FILES, write_summary
+from advcli.errors import one_paragraph, RunDirectoryBusy, SweepError, UserError
+from advcli.runs import seeds
+from advcli.runs.paths import in_multirun
+from advcli.runs.report import accuracy_interval, examples_in
+from advcli.runs.summary import SUMMARY_FILES, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def job_dir(job_overrides: Sequence[str], sweep_dir: str) -> str:
     """A sweep job's folder name from its values of the swept settings (``attack=pgd,eps=8_255``), read from the
     sweep's command line in ``sweep.json``: the same settings give the same folder whatever the job's number, so
     a re-run sweep finds its jobs' work (and a folder holding a run with other settings is refused, not reused:
-    `advcli.checkpoint.check_same_run`). Without ``sweep.json`` every override names the folder. Characters a
+    `advcli.runs.checkpoint.check_same_run`). Without ``sweep.json`` every override names the folder. Characters a
     path cannot hold (``/``) become ``_``; a name too long for a file system keeps its start and a hash."""
     swept = (_read_json(Path(sweep_dir) / SWEEP_FILE) or {}).get("swept")
     items = sorted(text for text in map(str, job_overrides) if swept is None or text.split("=", 1)[0] in swept)
@@ -245,14 +246,6 @@ def summarize(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 # A failed job
 
 
-def in_multirun() -> bool:
-    """Whether this process runs a job of a Hydra multirun (``-m``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def parallel_jobs() -> int:
     """How many jobs of this sweep run side by side on this machine: a joblib launcher's ``n_jobs`` (-1: one
     per core), else 1 (one run, a sequential sweep, or SLURM jobs that each get their own cores)."""
@@ -269,7 +262,7 @@ def parallel_jobs() -> int:
 
 def record_failure(error: Exception, *, debug: bool = False, sweep_goes_on: bool = True) -> dict:
     """Write the job's ``failed.json`` (one-line error, exception type) and report the error. A job refused because
-    a live process holds its directory (`advcli.paths.claim`) is skipped: nothing is written into that process's
+    a live process holds its directory (`advcli.runs.paths.claim`) is skipped: nothing is written into that process's
     directory, whose results are still to come.
 
     The paragraph goes to stderr like a single run's; the traceback of anything but a UserError (a bug,
@@ -359,9 +352,9 @@ _TRACKING_ENDED: set[Path] = set()  # sweep directories whose parent run this pr
 
 
 def _start_tracking(config: DictConfig, sweep_dir: Path, command_line: list[str]) -> None:
-    """The sweep's parent run in the tracker (`advcli.tracking.start_sweep`); a tracker that cannot start stops
+    """The sweep's parent run in the tracker (`advcli.runs.tracking.start_sweep`); a tracker that cannot start stops
     the sweep before any job, in one paragraph."""
-    from advcli import tracking
+    from advcli.runs import tracking
 
     try:
         tracking.start_sweep(config, sweep_dir, command_line)
@@ -375,7 +368,7 @@ def _start_tracking(config: DictConfig, sweep_dir: Path, command_line: list[str]
 
 def _end_tracking(sweep_dir: Path, status: str = "FINISHED") -> None:
     """The summary files to the sweep's parent run, which ends (once); a tracker gone by now costs a warning."""
-    from advcli import tracking
+    from advcli.runs import tracking
 
     if sweep_dir in _TRACKING_ENDED:
         return
@@ -390,7 +383,7 @@ def _end_tracking(sweep_dir: Path, status: str = "FINISHED") -> None:
 def run_summarize(paths: list[Path], out: Path | None = None, *, per_job: bool = False) -> str:
     """``advcli summarize``: summarize ``paths``, write the files (into ``out``, else `summary_folder`), return
     the text to print. Jobs that differ only in ``seed`` make one row per group unless ``per_job``."""
-    from advcli.summary import summary_folder
+    from advcli.runs.summary import summary_folder
 
     rows = summarize(paths)
     sweep = _read_json(paths[0] / SWEEP_FILE) if len(paths) == 1 else None

@@ -4,7 +4,7 @@ parameter-free attacks") and its parts, run by the authors' own code: the ``pyau
 - `autoattack`: the whole ensemble (standard: APGD-CE, APGD-T, FAB-T, Square), as the leaderboards run it.
 - `apgd`, `apgd_targeted`, `fab_targeted`, `square`: its attacks one at a time, through the reference classes,
   so an evaluation can run them as a cascade after cheaper attacks (``evaluation=default``: each runs only on
-  what the ones before it left standing, at AutoAttack's own budget; `advcli.outcomes`).
+  what the ones before it left standing, at AutoAttack's own budget; `advcli.evaluation.cascade`).
 
 Each follows advcli's signature, ``attack(model, x, y, eps, ...) -> x_adv`` with pixels in [0, 1], and is an
 evaluation attack: call it with the model in eval mode. Each seeds its own generator from ``seed`` and leaves

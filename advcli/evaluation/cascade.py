@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcli import attacks as attacks_module
-from advcli import distributed, runtime
+from advcli import attacks as attacks_module, distributed, runtime
 from advcli.attacks import Attack
 from advcli.errors import ConfigError
-from advcli.stats import wilson_interval
+from advcli.runs.stats import wilson_interval
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 

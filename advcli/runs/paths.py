@@ -160,3 +160,11 @@ def check_can_create(folder: str | Path, *, setting: str = "hydra.run.dir") -> N
             f"The output directory {path} cannot be written ({problem}). Choose another with {setting}=PATH, "
             "or fix its permissions."
         )
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

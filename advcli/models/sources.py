@@ -1,7 +1,7 @@
 """Where a model comes from: advcli's own checkpoint (``ckpt=``), a plain state_dict (``weights=``), or
 RobustBench's zoo (``robustbench=``); and how a run's model is specified from its config (`spec_from_config`).
 
-Every source becomes the same thing, an advcli checkpoint payload (`advcli.checkpoint`): a model spec that
+Every source becomes the same thing, an advcli checkpoint payload (`advcli.runs.checkpoint`): a model spec that
 rebuilds the architecture (from advcli's registry, or a class of one's own by its import path, ``model._target_``:
 `advcli.models.custom`), its weights, and the settings it is evaluated with. So
 ``advcli eval`` runs the same code for all three, ``save_checkpoint=PATH`` (``advcli import``) writes any of them
@@ -19,9 +19,10 @@ import torch
 
 from omegaconf import OmegaConf
 
-from advcli import checkpoint, config, data, weights, zoo
-from advcli.errors import CheckpointError, ConfigError
-from advcli.models import custom
+from advcli import config, data, models
+from advcli.errors import ConfigError
+from advcli.models import custom, weights, zoo
+from advcli.runs import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def spec_from_config(model_cfg: Any, info: data.DatasetInfo, *, adversarial_clas
     shape = {"in_channels": info.in_channels, "image_size": info.image_size,
              "num_classes": info.num_classes + int(adversarial_class)}
     arguments = custom.constructor_arguments(custom.import_target(target), target, options, shape) if target else None
-    return checkpoint.model_spec(name, options, in_channels=info.in_channels, image_size=info.image_size,
+    return models.model_spec(name, options, in_channels=info.in_channels, image_size=info.image_size,
                                  num_classes=info.num_classes, mean=mean, std=std, adversarial_class=adversarial_class,
                                  classes=info.classes, target=target, arguments=arguments)
 
@@ -89,7 +90,7 @@ def check_model(model_cfg: Any, info: data.DatasetInfo, *, adversarial_class: bo
     per output (a dummy forward pass); the built-in models are checked as they are built."""
     spec = spec_from_config(model_cfg, info, adversarial_class=adversarial_class)
     if spec.get("target"):
-        checkpoint.build_from_spec(spec)
+        models.build_from_spec(spec)
 
 
 def with_class(payload: dict[str, Any], model_cfg: Any, where: str) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def weights_payload(path: str | Path, model_cfg: Any, dataset_cfg: Any, *, setti
     ``settings`` (eps, norm, restarts) are what later evaluations of it default to; ``key``: which of several
     state_dicts in the file (``weights_key``)."""
     spec = spec_from_config(model_cfg, dataset_info(dataset_cfg))
-    model = checkpoint.build_from_spec(spec)
+    model = models.build_from_spec(spec)
     state, chosen = weights.choose_state_dict(weights.read_file(path), path, key=key)
     renamed = weights.load_weights(model.net, state, where=f"weights={path}", ordered=weights.keeps_order(path))
     log_renamed(renamed, f"weights={path}")
@@ -157,7 +158,7 @@ def zoo_payload(name: str, dataset_cfg: Any, *, threat_model: str, model_dir: st
                  "normalize": "none"}
     trained = zoo.load_zoo_model(name, info.name, threat_model, model_dir)
     spec = spec_from_config(model_cfg, info)
-    model = checkpoint.build_from_spec(spec)
+    model = models.build_from_spec(spec)
     model.net.model.load_state_dict(trained.state_dict())
     source = {"kind": "robustbench", "name": name, "threat_model": threat_model, "model_dir": str(model_dir)}
     return imported(model, spec, model_cfg, dataset_cfg, settings, source)
@@ -233,7 +234,7 @@ def import_model(cfg: Any) -> dict[str, Any]:
         raise ConfigError("advcli import needs save_checkpoint=PATH: where to write the advcli checkpoint (e.g. "
                           "advcli import weights=mnist.pth model=small_cnn dataset=mnist save_checkpoint=mnist.pt).")
     payload, where = eval_payload(cfg)
-    checkpoint.rebuild_model(payload, where, recorded=cfg.get("ckpt") is not None)
+    models.rebuild_model(payload, where, recorded=cfg.get("ckpt") is not None)
     save_imported(payload, cfg.save_checkpoint)
     print(f"wrote {cfg.save_checkpoint}: {payload['model_spec']['name']} from {where}; evaluate it with "
           f"advcli eval ckpt={cfg.save_checkpoint}")
@@ -282,7 +283,7 @@ def init_source(init: str, spec: Mapping[str, Any], robustbench_dir: str,
     if checkpoint.is_checkpoint(loaded):
         payload = checkpoint.checked(loaded, path)
         other = payload["model_spec"]
-        theirs, ours = checkpoint.architecture(other), checkpoint.architecture(spec)
+        theirs, ours = models.architecture(other), models.architecture(spec)
         if (theirs, other.get("options", {})) != (ours, spec["options"]):
             how = f"model._target_={theirs}" if other.get("target") else f"model={other['name']}"
             raise ConfigError(
@@ -329,9 +330,9 @@ def initialise(model: torch.nn.Module, init: str, head: str, spec: Mapping[str, 
     file (``weights_key``). Returns what the run records about it."""
     source, record = init_source(init, spec, robustbench_dir, key)
     target = model.net.state_dict()
-    if zoo.last_linear(model.net).out_features != checkpoint.num_outputs(spec):
-        raise ConfigError(f"init={init}: the last nn.Linear of {checkpoint.architecture(spec)} does not make its "
-                          f"{checkpoint.num_outputs(spec)} outputs, so advcli cannot tell which layer is the head "
+    if zoo.last_linear(model.net).out_features != models.num_outputs(spec):
+        raise ConfigError(f"init={init}: the last nn.Linear of {models.architecture(spec)} does not make its "
+                          f"{models.num_outputs(spec)} outputs, so advcli cannot tell which layer is the head "
                           "to keep or replace; fine-tune a model whose last layer is its classifier.")
     target_head = head_keys(target, model.net)
     named_head = [k for k in target_head if k in source]  # the file names the head as the model does

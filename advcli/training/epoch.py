@@ -1,9 +1,9 @@
 """One optimiser step and one pass over the training data: `train_step`, `train_epoch`, the per-step
-learning-rate schedule. No config, no files: `advcli.train` builds the pieces and calls these.
+learning-rate schedule. No config, no files: `advcli.training.train` builds the pieces and calls these.
 
-A step runs the objective (its attack, then the loss on the attack's output; `advcli.objectives`), and the
+A step runs the objective (its attack, then the loss on the attack's output; `advcli.training.objectives`), and the
 optimiser takes one step on the mean loss over the (global) batch; with adversarial weight perturbation
-(``awp.gamma``, `advcli.awp`) that loss's gradient is taken at weights pushed up the loss. Metrics accumulate
+(``awp.gamma``, `advcli.training.awp`) that loss's gradient is taken at weights pushed up the loss. Metrics accumulate
 on the device; the host reads them only every ``log_every`` batches (progress bar and divergence check), so a
 step never waits on a sync.
 """
@@ -19,9 +19,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from advcli import awp, distributed, runtime
+from advcli import distributed, runtime
 from advcli.errors import TrainingDiverged
-from advcli.objectives import Examples, Objective, Step
+from advcli.training import awp
+from advcli.training.objectives import Examples, Objective, Step
 
 
 # --- the learning rate, per optimiser step ---------------------------------------------------------
@@ -84,7 +85,7 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None = None
-    ema: AveragedModel | None = None   # updated after every step (`advcli.averaging.ema_model`)
+    ema: AveragedModel | None = None   # updated after every step (`advcli.training.averaging.ema_model`)
 
     @classmethod
     def fp32(cls, optimizer: torch.optim.Optimizer, device_type: str = "cpu") -> "Optimisation":
@@ -150,7 +151,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
                eps: float, global_size: int | None = None, awp_gamma: float = 0.0) -> Step:
     """One optimiser step on the objective's per-example losses (their mean over the global batch).
 
-    With ``awp_gamma`` > 0 the gradient is taken at the weights perturbed by `advcli.awp.perturbation` (found
+    With ``awp_gamma`` > 0 the gradient is taken at the weights perturbed by `advcli.training.awp.perturbation` (found
     from the same loss on the same adversarial examples), and the optimiser applies it to the weights themselves.
     """
     with runtime.autocast(x.device, opt.amp_dtype):

@@ -23,7 +23,7 @@ restart with the highest loss. Evaluation PGD (``early_stop=True``) asks only "c
 broken?": an example misclassified at any step keeps that point and is never attacked again, and
 restart r runs only on the examples no earlier restart broke, so R restarts cost about
 1 + (R - 1) x (robust fraction) single runs. AutoAttack, through the reference code, is in
-`advcli.autoattack`.
+`advcli.attacks.reference`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Every objective has two halves, and one call that runs both::
 
 The loss is the per-example loss (B,) the optimiser minimises, plus the logits and targets on which
 "training accuracy" is measured. The halves are apart because adversarial weight perturbation
-(`advcli.awp`, ``awp.gamma``) computes the loss twice on the same examples: at the weights, for the
+(`advcli.training.awp`, ``awp.gamma``) computes the loss twice on the same examples: at the weights, for the
 direction of the perturbation, and at the perturbed weights, for the optimiser's step.
 
 ``extra_outputs`` says how many outputs the model needs beyond the K classes; ``needs_attack`` whether the
@@ -25,7 +25,7 @@ over ranks) and the optimiser step.
   times the clean-to-perturbed KL divergence weighted by how badly the clean input is classified.
 - `AdversarialClass` (``trainer=adv_class``): K+1 outputs; clean inputs keep their label, the
   attack's outputs get the extra label K ("adversarial input"), as in Grosse et al. 2017 and
-  Hosseini et al. 2017 ("NULL labeling"). Judge it with adaptive attacks (`advcli.evaluate`).
+  Hosseini et al. 2017 ("NULL labeling"). Judge it with adaptive attacks (`advcli.evaluation.evaluate`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 generalization"): with ``awp.gamma`` > 0, every trainer takes its optimiser step with the gradient found at
 weights pushed up its own loss.
 
-Per step, once the training attack has found its examples (`advcli.objectives`), the gradient g_l of the
+Per step, once the training attack has found its examples (`advcli.training.objectives`), the gradient g_l of the
 objective's loss on them with respect to each weight w_l of a convolution or linear layer (weight tensors of more
 than one dimension, as the authors' ``AdvWeightPerturb``; biases and BatchNorm are left alone) gives
 
@@ -10,7 +10,7 @@ than one dimension, as the authors' ``AdvWeightPerturb``; biases and BatchNorm a
 
 (`perturbation`). The objective's gradient is then computed at w + v and the weights are restored exactly
 (`perturbed`) before the optimiser steps: the update is computed at the perturbed point and applied to the
-unperturbed weights (`advcli.epoch.train_step`).
+unperturbed weights (`advcli.training.epoch.train_step`).
 
 Two differences from the authors' code, neither in what is computed:
 
