@@ -69,7 +69,7 @@ class Busy:
 def single_runs(tmp: Path) -> None:
     cores = usable_cpus()
     print(f"\nadvcli train {' '.join(RUN)}\n")
-    print(f"| policy | beside | training s | x idle | command s | x idle |\n|---|---|---|---|---|---|")
+    print("| policy | beside | training s | x idle | command s | x idle |\n|---|---|---|---|---|---|")
     for policy in ("auto", str(cores)):
         idle_train, idle_wall = advcli(RUN, policy, tmp / f"idle-{policy}")
         print(f"| threads={policy} | nothing (idle) | {idle_train:.1f} | 1.00 | {idle_wall:.1f} | 1.00 |", flush=True)

@@ -1,6 +1,6 @@
 """One process against ``torchrun --nproc_per_node=N`` on the same training job, timed in the same run.
 
-Each variant is the real command line (`python -m advcli.training.train ...` and `torchrun ... -m advcli.training.train ...`)
+Each variant is the real command line (`python -m advcli train ...` and `torchrun ... -m advcli train ...`)
 with the same global batch, seed and data: MNIST, Madry CNN, one epoch of PGD-7 training at eps=0.1 on the
 first 10,000 training images, then clean and PGD-20 accuracy on the first 1,000 test images. The training
 time is the run's own `train_time_s` (metrics.json), so start-up and evaluation are left out. The variants

@@ -11,7 +11,7 @@ Rows:
   test images) and with ``compile=true`` (the quick evaluation, for its training time);
 - ``eval``: ``advcli eval`` of the first run's checkpoint with the default evaluation, which must repeat the
   figures the training run printed;
-- ``torchrun``: ``torchrun --standalone --nproc_per_node=1 -m advcli.training.train`` as README "Multi-GPU" says (with one
+- ``torchrun``: ``torchrun --standalone --nproc_per_node=1 -m advcli train`` as README "Multi-GPU" says (with one
   process advcli starts no process group), then a one-process NCCL group that runs advcli's training epoch through
   DistributedDataParallel with adversarial weight perturbation (its gradients summed over the ranks);
 - ``throughput``: PreActResNet-18 on CIFAR-shaped images, PGD-10 training (eps 8/255, step 2/255, batch 128),
@@ -146,7 +146,7 @@ def torchrun_rows(out: Path, dataset: list[str], budget: "Budget", rows: list[Ro
              "evaluation.sanity.enabled=false", "progress=false", "device=cuda", f"output_dir={run_dir}"]
     ok, tail, seconds = run_command([*torchrun, "-m", "advcli", "train", *dataset, *short], budget.share(0.3))
     result = accuracies(json.loads((run_dir / "metrics.json").read_text())) if ok else last_line(tail)
-    report(Row("torchrun", "-m advcli.training.train, 1 epoch of 10,000 images (one process: no process group)",
+    report(Row("torchrun", "-m advcli train, 1 epoch of 10,000 images (one process: no process group)",
                result, seconds, ok), rows)
     ok, tail, seconds = run_command([*torchrun, str(Path(__file__).resolve()), "--nccl-worker"], budget.share(0.4))
     lines = [line for line in tail.splitlines() if line.startswith("nccl-worker:")]

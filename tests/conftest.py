@@ -62,7 +62,7 @@ def hold_run_directory(folder: Path) -> subprocess.Popen:
     """Another process holding ``folder`` as a run directory (as a live advcli train would), until it is killed."""
     folder.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen(
-        ["python", "-c", "import sys, time; from pathlib import Path; from advcli import paths; "
+        ["python", "-c", "import sys, time; from pathlib import Path; from advcli.runs import paths; "
                          "paths.claim(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)", str(folder)],
         stdout=subprocess.PIPE, text=True, env=advcli_process_env(None))
     assert holder.stdout.readline().strip() == "held"

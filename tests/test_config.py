@@ -8,7 +8,7 @@ import torch
 from advcli import config, runtime
 from advcli.errors import ConfigError
 from advcli.runs import paths
-from conftest import compose_config, run_advcli
+from conftest import compose_config
 
 
 @pytest.mark.parametrize("text,expected", [("8/255", 8 / 255), ("0.03137", 0.03137), ("0", 0.0), (0, 0.0),
@@ -62,9 +62,9 @@ DOCUMENTED_CHOICES = {
     "attack": {"none": {"_target_": "advcli.attacks.none"}, "fgsm": {"_target_": "advcli.attacks.fgsm"},
                "pgd": {"_target_": "advcli.attacks.pgd", "loss": "ce"},
                "pgd_margin": {"_target_": "advcli.attacks.pgd", "loss": "margin"},
-               "apgd_ce": {"_target_": "advcli.attacks.reference.apgd", "loss": "ce"},
-               "apgd_t": {"_target_": "advcli.attacks.reference.apgd_targeted"},
-               "square": {"_target_": "advcli.attacks.reference.square"}},
+               "apgd_ce": {"_target_": "advcli.attacks.apgd", "loss": "ce"},
+               "apgd_t": {"_target_": "advcli.attacks.apgd_targeted"},
+               "square": {"_target_": "advcli.attacks.square"}},
     "evaluation": {"default": {"cascade": True}, "fast": {"cascade": False}, "autoattack": {"cascade": False}},
     "trainer": {"standard": {"_target_": "advcli.training.objectives.MinMax"},
                 "trades": {"_target_": "advcli.training.objectives.Trades"},

@@ -62,7 +62,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
 
     # advcli eval under torchrun: sharded the same way, one writer, the single-process figures
     evaluated = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                     "advcli.evaluation.evaluate", "evaluation=fast", f"ckpt={one / 'checkpoint.pt'}", "device=cpu", "progress=false",
+                     "advcli", "eval", "evaluation=fast", f"ckpt={one / 'checkpoint.pt'}", "device=cpu", "progress=false",
                      "evaluation.num_examples=100", "evaluation.sanity.enabled=false", f"output_dir={tmp_path / 'eval'}"],
                     tmp_path)
     assert evaluated.stdout.count("any attack") == 1
@@ -106,7 +106,7 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint_and_the_run_r
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "advcli.training.train", "dataset=synthetic", "dataset.num_train=3000", "model=mlp", "attack=pgd", "eps=0.1",
+               "advcli", "train", "dataset=synthetic", "dataset.num_train=3000", "model=mlp", "attack=pgd", "eps=0.1",
                "eps_warmup=0", "epochs=4", "batch_size=32", "lr_schedule=constant", "amp=off", "device=cpu", "progress=false", "log_every=2",
                "data.val_size=30", "evaluation.num_examples=50", "evaluation.sanity.enabled=false",
                f"output_dir={out}"]
@@ -159,7 +159,7 @@ def test_under_torchrun_rank_0_claims_the_run_directory_and_every_rank_leaves_on
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "advcli.training.train", *COMMON, "epochs=1", f"output_dir={out}"]
+               "advcli", "train", *COMMON, "epochs=1", f"output_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     holder = hold_run_directory(out)
     try:

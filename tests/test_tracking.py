@@ -215,7 +215,7 @@ def test_a_logger_that_fails_mid_run_is_dropped_and_training_goes_on(tmp_path, m
 def test_under_torchrun_only_rank_0_logs(tmp_path):
     uri, run = store(tmp_path), tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                           "advcli.training.train", *tiny(run, "epochs=2", "amp=off", "logger=[csv,mlflow]", "log_batches=true",
+                           "advcli", "train", *tiny(run, "epochs=2", "amp=off", "logger=[csv,mlflow]", "log_batches=true",
                                                  f"logger.mlflow.tracking_uri={uri}")],
                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)

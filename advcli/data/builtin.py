@@ -89,7 +89,6 @@ def _check_name(name: str) -> str:
 def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The synthetic set's and the image folder's options with defaults filled in and checked; the others take none."""
     if name == "folder":
-
         return folder.options(options)
     if name != "synthetic":
         if options:
@@ -130,7 +129,6 @@ def dataset_info(name: str, **options: Any) -> DatasetInfo:
     _check_name(name)
     opts = _options(name, options)
     if name == "folder":
-
         return folder.info(**opts)
     if name == "synthetic":
         c = opts["channels"]
@@ -141,7 +139,6 @@ def dataset_info(name: str, **options: Any) -> DatasetInfo:
 def split_order(name: str, **options: Any) -> str:
     """The order of a dataset's splits, in words, for the results: which images "the first N" are."""
     if name == "folder":
-
         return folder.order_note(_options(name, options))
     return "the dataset's own order"
 
@@ -178,7 +175,6 @@ def load_split(name: str, split: str, *, root: str | os.PathLike, download: bool
     if name == "synthetic":
         return _make_synthetic(split, **opts)
     if name == "folder":
-
         return folder.load_split(split, **opts)
     if root is None or str(root) == "":
         raise DataError(

@@ -31,6 +31,7 @@ from torch import nn
 
 from advcli import attacks, config, data, runtime
 from advcli.models.sources import with_class
+from advcli.models.spec import rebuild_model
 from advcli.runs import checkpoint, paths
 from advcli.runs.checkpoint import atomic_write
 
@@ -286,7 +287,7 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Any]:
         label = config.training_label(payload["config"])  # e.g. "pgd-trained", "adv_class (pgd)"
         if label in models:
             label = f"{label} ({key})"
-        models[label] = models.rebuild_model(payload, sources[key]).to(device).eval()
+        models[label] = rebuild_model(payload, sources[key]).to(device).eval()
     dataset = config.dataset_choice(first["config"]["dataset"])
     images = data.load_split(dataset.name, "test", root=config.data_root(cfg.data.root), download=cfg.data.download,
                              **dataset.options)
