@@ -1,4 +1,4 @@
-"""A non-editable install (the wheel) carries the configs, so an installed advcli composes them."""
+"""A non-editable install (the wheel) carries every wing and the configs, so an installed advcli composes them."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def test_the_wheel_ships_the_configs_and_composes_them(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     probe = ("import advcli, hydra; from hydra import compose, initialize_config_module\n"
+             # every wing travels in the wheel, not only the top-level package
+             "import advcli.attacks, advcli.data, advcli.models, advcli.runs, advcli.evaluation.evaluate, "
+             "advcli.training.train, advcli.cli\n"
              "with initialize_config_module(config_module='advcli.configs', version_base='1.3'):\n"
              "    cfg = compose('train', ['attack=fgsm', 'experiment=fast_at'])\n"
              "print(advcli.__file__); print(cfg.attack._target_, cfg.model.name, sorted(cfg.evaluation.attacks))")
