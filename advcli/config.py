@@ -71,11 +71,14 @@ def check_attack(where: str, attack_cfg: Any) -> None:
         require_choice(f"{where}.norm", attack_cfg.norm, NORMS)
     if attack_cfg.get("alpha") is not None:
         require_positive(f"{where}.alpha", attack_cfg.alpha, "Leave it unset (null) for the default, a multiple of eps.")
-    if int(attack_cfg.get("restarts", 1)) > 1 and attack_cfg.get("random_start") is False:
+    # the start as the configs spell it (random_start) or as the attacks do (start: advcli.attacks.balls.Start)
+    at_x, random = ("random_start=false", "random_start=true") if attack_cfg.get("random_start") is False else \
+        ("start=zero", "start=uniform") if attack_cfg.get("start") == "zero" else (None, None)
+    if int(attack_cfg.get("restarts", 1)) > 1 and at_x:
         raise ConfigError(
-            f"{where}.restarts={attack_cfg.restarts} with {where}.random_start=false: without a random start the "
+            f"{where}.restarts={attack_cfg.restarts} with {where}.{at_x}: without a random start the "
             f"attack is deterministic, so every restart finds the same point and the restarts would be recorded but "
-            f"never happen. Set {where}.random_start=true to restart from random points of the ball, or "
+            f"never happen. Set {where}.{random} to restart from random points of the ball, or "
             f"{where}.restarts=1 (restarts=N on the command line also sets the evaluation PGD's restarts).")
 
 
