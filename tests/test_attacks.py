@@ -312,11 +312,14 @@ def test_fgsm_start_flags_keep_its_own_default_of_starting_at_x(tiny_model, tiny
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(start="random"), "start='random' is not a start"), (dict(start=("gaussian", 0)), "STD > 0"),
+    (dict(random_start=False, start_std=-1), "STD > 0"),
     (dict(start="uniform", random_start=False), "both say where the attack starts")])
 def test_a_start_that_is_unknown_or_given_twice_is_refused(tiny_model, tiny_batch, kwargs, match):
     x, y = tiny_batch
     with pytest.raises(ValueError, match=match):
         pgd(tiny_model, x, y, 0.1, **kwargs)
+    with pytest.raises(ValueError, match="is not a start"):
+        attacks.Start("uniform", std=0.1)  # a std means nothing to a uniform start
 
 
 def test_an_attack_config_may_spell_the_start_either_way_and_a_misspelt_key_is_still_refused(tiny_model, tiny_batch):

@@ -72,6 +72,9 @@ THREAT_MODELS = {
 
 # --- where an attack starts, and how it steps ----------------------------------------------
 
+START_HELP = ("use start='uniform' (a uniform sample of the ball), start='zero' (x itself) or start=('gaussian', STD) "
+              "with STD > 0 (on the command line start=[gaussian,0.001]).")
+
 @dataclass(frozen=True)
 class Start:
     """Where an attack's first delta lies: ``uniform`` in the ball, ``zero`` (x itself), or ``gaussian`` noise
@@ -80,6 +83,10 @@ class Start:
 
     kind: str
     std: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("uniform", "zero", "gaussian") or (self.kind == "gaussian") != (self.std > 0):
+            raise ValueError(f"{self} is not a start an attack knows: {START_HELP}")
 
     def point(self, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
         """A first delta for ``x``, inside the ball and the pixel box."""
@@ -103,9 +110,7 @@ def as_start(value: StartOption) -> Start:
     if len(pair) == 2 and pair[0] == "gaussian" and isinstance(pair[1], (int, float)) \
             and not isinstance(pair[1], bool) and pair[1] > 0:
         return Start("gaussian", float(pair[1]))
-    raise ValueError(f"start={value!r} is not a start an attack knows: use start='uniform' (a uniform sample of the "
-                     "ball), start='zero' (x itself) or start=('gaussian', STD) with STD > 0 (on the command line "
-                     "start=[gaussian,0.001]).")
+    raise ValueError(f"start={value!r} is not a start an attack knows: {START_HELP}")
 
 
 START_FLAGS = ("random_start", "start_std")  # the start as the configs and earlier versions spell it
