@@ -275,6 +275,8 @@ def test_each_start_gives_its_documented_first_delta():
     assert abs(gaussian.mean().item()) < 0.001 and abs(gaussian.std().item() - 0.01) < 0.001
     l2 = attacks.start_point(x, 0.5, "l2", start=["gaussian", 1.0])  # a config's list; far outside: projected
     torch.testing.assert_close(l2.flatten(1).norm(dim=1), torch.full((256,), 0.5))
+    with pytest.raises(ValueError, match="is not a start"):
+        attacks.Start("uniform", std=0.1)  # a std means nothing to a uniform start
 
 
 def test_an_attack_starting_at_zero_does_not_draw_and_a_random_start_does(tiny_model, tiny_batch):
@@ -318,8 +320,6 @@ def test_a_start_that_is_unknown_or_given_twice_is_refused(tiny_model, tiny_batc
     x, y = tiny_batch
     with pytest.raises(ValueError, match=match):
         pgd(tiny_model, x, y, 0.1, **kwargs)
-    with pytest.raises(ValueError, match="is not a start"):
-        attacks.Start("uniform", std=0.1)  # a std means nothing to a uniform start
 
 
 def test_an_attack_config_may_spell_the_start_either_way_and_a_misspelt_key_is_still_refused(tiny_model, tiny_batch):
