@@ -2,8 +2,8 @@
 
 The package is a house in wings; each wing imports only the ones listed before it (tests/test_layers.py):
 
-- top level, shared by every wing: `errors`, `config` (numbers, eps, fingerprints), `threads`, `runtime`
-  (device, precision), `distributed` (torchrun);
+- top level, shared by every wing: `errors`, `values` (numbers and eps as typed), `config` (settings checked,
+  fingerprints), `threads`, `runtime` (device, precision), `distributed` (torchrun);
 - `advcli.runs`: what a run leaves on disk (checkpoints, run directories, result tables, sweeps, seeds, trackers);
 - `advcli.attacks`: the inner maximisation, written here (`gradient`) or from the reference code (`reference`);
 - `advcli.data`: datasets and image folders, as batches of pixels in [0, 1];

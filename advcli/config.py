@@ -1,13 +1,13 @@
 """Config values as the user types them -> checked plain values, before any work starts.
 
-Hydra hands us strings like ``eps=8/255``; this module turns them into numbers with
-`fractions.Fraction` (never `eval`) and checks every value a run depends on, so that bad input
-stops the run at once with a one-paragraph `ConfigError` instead of failing an hour later.
+Hydra hands us strings like ``eps=8/255``; `advcli.values` turns single values into numbers with
+`fractions.Fraction` (never `eval`), and this module checks every setting a run depends on, so that bad input
+stops the run at once with a one-paragraph `ConfigError` instead of failing an hour later. It also says what a
+run is: the fingerprint a resumed run must match.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,88 +22,13 @@ import hydra
 from omegaconf import OmegaConf
 
 from advcli.errors import ConfigError
+from advcli.values import (format_eps, parse_eps, require_between, require_choice, require_int,  # noqa: F401
+                           require_positive)
 
 NORMS = ("linf", "l2")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCHEDULES = ("constant", "onecycle", "cosine")
 ATTACK_MODES = ("auto", "train", "eval")
-
-
-def parse_eps(value: Any, *, norm: str = "linf", dim: int | None = None) -> float:
-    """Parse an epsilon as typed (``8/255``, ``0.03137``, ``0``) into a float in pixel units.
-
-    Pixels are in [0, 1], so an L-inf radius above 1 means nothing; an L2 radius is bounded by the
-    diagonal of the image cube, sqrt(dim), where ``dim`` = C*H*W is known.
-    """
-    text = str(value).strip()
-    hint = "Write eps as a number or a fraction in pixel units, e.g. eps=8/255, eps=0.03137 or eps=0."
-    if isinstance(value, bool):
-        raise ConfigError(f"eps={text} is not a number. {hint}")
-    try:
-        eps = Fraction(text)
-    except ZeroDivisionError:
-        raise ConfigError(f"eps={text} divides by zero. {hint}") from None
-    except (ValueError, TypeError):
-        raise ConfigError(f"eps={text} is not a number. {hint}") from None
-    if eps < 0:
-        raise ConfigError(f"eps={text} is negative; a perturbation budget is a radius, 0 or more. {hint}")
-    if norm == "linf" and eps > 1:
-        raise ConfigError(
-            f"eps={text} is larger than 1, but pixels lie in [0, 1], so an L-inf radius above 1 allows "
-            f"any image. Did you mean eps={text}/255? {hint}"
-        )
-    if norm == "l2" and dim is not None and eps > math.sqrt(dim):
-        raise ConfigError(
-            f"eps={text} is larger than the L2 diameter of the pixel cube (sqrt({dim}) = {math.sqrt(dim):.1f}), "
-            f"so it allows any image. {hint}"
-        )
-    return float(eps)
-
-
-def format_eps(eps: float) -> str:
-    """A human label: ``0.0314 (8/255)`` for image data, where eps*255 is (nearly) whole."""
-    scaled = eps * 255
-    if eps > 0 and abs(scaled - round(scaled)) < 1e-6:
-        return f"{eps:.4g} ({round(scaled)}/255)"
-    return f"{eps:.4g}"
-
-
-def require_int(name: str, value: Any, *, minimum: int, hint: str = "") -> int:
-    """`value` as an int >= `minimum`, or a ConfigError naming the key."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            as_float = math.nan
-        if not as_float.is_integer():
-            raise ConfigError(f"{name}={value} is not a whole number; set {name} to an integer >= {minimum}. {hint}".strip())
-        value = int(as_float)
-    if value < minimum:
-        raise ConfigError(f"{name}={value} is too small; it must be an integer >= {minimum}. {hint}".strip())
-    return value
-
-
-def require_positive(name: str, value: Any, hint: str = "") -> float:
-    """`value` as a float > 0, or a ConfigError naming the key."""
-    try:
-        number = float(Fraction(str(value)))
-    except (ValueError, ZeroDivisionError, TypeError):
-        raise ConfigError(f"{name}={value} is not a number; set {name} to a positive number. {hint}".strip()) from None
-    if not number > 0 or not math.isfinite(number):
-        raise ConfigError(f"{name}={value} must be a positive number. {hint}".strip())
-    return number
-
-
-def require_between(name: str, value: Any, low: float, high: float | None, hint: str = "") -> float:
-    """`value` as a float in [low, high] (no upper bound when ``high`` is None), or a ConfigError naming the key."""
-    try:
-        number = float(Fraction(str(value)))
-    except (ValueError, ZeroDivisionError, TypeError):
-        raise ConfigError(f"{name}={value} is not a number. {hint}".strip()) from None
-    if not math.isfinite(number) or number < low or (high is not None and number > high):
-        span = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
-        raise ConfigError(f"{name}={value} must be {span}. {hint}".strip())
-    return number
 
 
 def check_trainer(trainer_cfg: Any) -> None:
@@ -134,16 +59,6 @@ def awp_settings(cfg: Any) -> tuple[float, float]:
     return gamma, warmup
 
 
-def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """`value` if it is one of `choices`, else a ConfigError listing them. (The one place where an unquoted
-    ``off``, which YAML 1.1 reads as false, becomes ``"off"`` again.)"""
-    if value is False and "off" in choices:  # YAML 1.1 reads an unquoted `off` as false
-        return "off"
-    if value not in choices:
-        raise ConfigError(f"{name}={value} is not one of the valid choices: {', '.join(choices)}. Set {name}=CHOICE.")
-    return value
-
-
 def check_attack(where: str, attack_cfg: Any) -> None:
     """Check the hyper-parameters an attack config may carry (steps, restarts, norm, alpha, random start)."""
     if attack_cfg is None:
@@ -156,11 +71,14 @@ def check_attack(where: str, attack_cfg: Any) -> None:
         require_choice(f"{where}.norm", attack_cfg.norm, NORMS)
     if attack_cfg.get("alpha") is not None:
         require_positive(f"{where}.alpha", attack_cfg.alpha, "Leave it unset (null) for the default, a multiple of eps.")
-    if int(attack_cfg.get("restarts", 1)) > 1 and attack_cfg.get("random_start") is False:
+    # the start as the configs spell it (random_start) or as the attacks do (start: advcli.attacks.balls.Start)
+    at_x, random = ("random_start=false", "random_start=true") if attack_cfg.get("random_start") is False else \
+        ("start=zero", "start=uniform") if attack_cfg.get("start") == "zero" else (None, None)
+    if int(attack_cfg.get("restarts", 1)) > 1 and at_x:
         raise ConfigError(
-            f"{where}.restarts={attack_cfg.restarts} with {where}.random_start=false: without a random start the "
+            f"{where}.restarts={attack_cfg.restarts} with {where}.{at_x}: without a random start the "
             f"attack is deterministic, so every restart finds the same point and the restarts would be recorded but "
-            f"never happen. Set {where}.random_start=true to restart from random points of the ball, or "
+            f"never happen. Set {where}.{random} to restart from random points of the ball, or "
             f"{where}.restarts=1 (restarts=N on the command line also sets the evaluation PGD's restarts).")
 
 

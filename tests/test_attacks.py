@@ -260,3 +260,77 @@ def test_fgsm_restarts_keep_the_highest_loss_start(tiny_model, tiny_batch):
     torch.testing.assert_close(loss, losses.max(dim=0).values)
     with pytest.raises(ValueError, match="random_start"):
         fgsm(tiny_model, x, y, 0.1, restarts=3)
+
+
+# --- where an attack starts: start="uniform" | "zero" | ("gaussian", std), or random_start / start_std ----------
+
+def test_each_start_gives_its_documented_first_delta():
+    x = torch.full((256, 3, 8, 8), 0.5)  # mid-grey: no start is clipped by the pixel box
+    torch.manual_seed(0)
+    uniform = attacks.start_point(x, 0.1, "linf", start="uniform")
+    assert uniform.abs().max() <= 0.1 and uniform.abs().max() > 0.09  # fills the ball...
+    assert abs(uniform.mean().item()) < 0.005 and abs(uniform.std().item() - 0.1 / 3 ** 0.5) < 0.005  # ...uniformly
+    assert torch.equal(attacks.start_point(x, 0.1, "linf", start="zero"), torch.zeros_like(x))
+    gaussian = attacks.start_point(x, 0.1, "linf", start=("gaussian", 0.01))
+    assert abs(gaussian.mean().item()) < 0.001 and abs(gaussian.std().item() - 0.01) < 0.001
+    l2 = attacks.start_point(x, 0.5, "l2", start=["gaussian", 1.0])  # a config's list; far outside: projected
+    torch.testing.assert_close(l2.flatten(1).norm(dim=1), torch.full((256,), 0.5))
+    with pytest.raises(ValueError, match="is not a start"):
+        attacks.Start("uniform", std=0.1)  # a std means nothing to a uniform start
+
+
+def test_an_attack_starting_at_zero_does_not_draw_and_a_random_start_does(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append([pgd(tiny_model, x, y, 0.1, steps=2, start=start) for start in ("zero", "uniform")])
+    assert torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("flags,start", [
+    (dict(random_start=True), "uniform"), (dict(random_start=False), "zero"),
+    (dict(random_start=False, start_std=0.01), ("gaussian", 0.01)), (dict(start_std=0.01), "uniform"),
+    (dict(random_start=True, start_std=0.01), "uniform")])
+def test_the_configs_start_flags_give_the_same_attack_as_start(tiny_model, tiny_batch, flags, start):
+    x, y = tiny_batch
+    torch.manual_seed(3)
+    by_flags = pgd(tiny_model, x, y, 0.1, steps=2, restarts=2, **flags)
+    torch.manual_seed(3)
+    by_start = pgd(tiny_model, x, y, 0.1, steps=2, restarts=2, start=start)
+    assert torch.equal(by_flags, by_start)
+    assert attacks.start_from_flags(flags.get("random_start"), flags.get("start_std"), "uniform") == \
+        attacks.as_start(start)
+
+
+def test_fgsm_start_flags_keep_its_own_default_of_starting_at_x(tiny_model, tiny_batch):
+    x, y = tiny_batch
+    torch.manual_seed(4)
+    gaussian = fgsm(tiny_model, x, y, 0.1, start_std=0.01)  # random_start left out: FGSM's default, no random start
+    torch.manual_seed(4)
+    assert torch.equal(gaussian, fgsm(tiny_model, x, y, 0.1, start=("gaussian", 0.01)))
+    assert torch.equal(fgsm(tiny_model, x, y, 0.1), fgsm(tiny_model, x, y, 0.1, start="zero"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(start="random"), "start='random' is not a start"), (dict(start=("gaussian", 0)), "STD > 0"),
+    (dict(random_start=False, start_std=-1), "STD > 0"),
+    (dict(start="uniform", random_start=False), "both say where the attack starts")])
+def test_a_start_that_is_unknown_or_given_twice_is_refused(tiny_model, tiny_batch, kwargs, match):
+    x, y = tiny_batch
+    with pytest.raises(ValueError, match=match):
+        pgd(tiny_model, x, y, 0.1, **kwargs)
+
+
+def test_an_attack_config_may_spell_the_start_either_way_and_a_misspelt_key_is_still_refused(tiny_model, tiny_batch):
+    from advcli import config
+    from advcli.errors import ConfigError
+    x, y = tiny_batch
+    for start in (dict(random_start=False, start_std=0.01), dict(start=["gaussian", 0.01])):
+        attack = config.instantiate("attack", {"_target_": "advcli.attacks.fgsm", "_partial_": True, **start})
+        torch.manual_seed(2)
+        found = attack(tiny_model, x, y, 0.1)
+        torch.manual_seed(2)
+        assert torch.equal(found, fgsm(tiny_model, x, y, 0.1, start=("gaussian", 0.01)))
+    with pytest.raises(ConfigError, match="attack.random_strat is not a setting"):
+        config.instantiate("attack", {"_target_": "advcli.attacks.pgd", "_partial_": True, "random_strat": True})

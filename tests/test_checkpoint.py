@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from advcli import models
+from advcli.data import DatasetInfo
 from advcli.runs import checkpoint
 from advcli.runs.checkpoint import CheckpointError
 
-SPEC = models.model_spec("mlp", {"hidden": [16]}, in_channels=1, image_size=8, num_classes=3, mean=[0.5], std=[0.25])
+SPEC = models.model_spec("mlp", {"hidden": [16]}, DatasetInfo("tiny", num_classes=3, in_channels=1, image_size=8,
+                                                             mean=(0.5,), std=(0.25,)))
 
 
 def saved(tmp_path: Path, **extra) -> Path:
@@ -98,3 +100,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         checkpoint.atomic_write(path, crash)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_spec_is_the_plain_dict_checkpoints_have_always_recorded():
+    assert SPEC == {"name": "mlp", "options": {"hidden": [16]}, "in_channels": 1, "image_size": 8, "num_classes": 3,
+                    "mean": [0.5], "std": [0.25], "adversarial_class": False}
+    folder = DatasetInfo("folder", num_classes=2, in_channels=3, image_size=4, mean=(0.1, 0.2, 0.3),
+                         std=(0.4, 0.5, 0.6), classes=("cat", "dog"))
+    own = models.model_spec("mine", {}, folder, normalize=([0.0] * 3, [1.0] * 3), adversarial_class=True,
+                            target="pkg.Net", arguments={"width": 2})
+    assert own == {"name": "mine", "options": {}, "in_channels": 3, "image_size": 4, "num_classes": 2,
+                   "mean": [0.0] * 3, "std": [1.0] * 3, "adversarial_class": True, "classes": ["cat", "dog"],
+                   "target": "pkg.Net", "arguments": {"width": 2}}
+    assert pickle.loads(pickle.dumps(own)) == own and all(type(v) in (str, int, bool, list, dict) for v in own.values())

@@ -176,3 +176,14 @@ def test_the_fingerprint_leaves_out_process_settings_and_normalises_eps():
     c = config.fingerprint(compose_config("train", ["eps=8/255", "attack.steps=7"]), precision="fp32")
     assert config.fingerprint_changes(a, c) == [("attack.steps", 5, 7)]
     assert not any(key.startswith(("device", "progress", "data.root")) for key in a)
+
+
+@pytest.mark.parametrize("start,fragment", [({"random_start": False}, "attack.random_start=true"),
+                                            ({"start": "zero"}, "attack.start=uniform")])
+def test_restarts_of_an_attack_that_starts_at_x_are_refused_whichever_way_the_start_is_spelt(start, fragment):
+    from omegaconf import OmegaConf
+    attack = OmegaConf.create({"name": "mine", "_target_": "advcli.attacks.pgd", "_partial_": True, "restarts": 3,
+                               **start})
+    with pytest.raises(ConfigError, match=fragment):
+        config.check_attack("attack", attack)
+    config.check_attack("attack", OmegaConf.merge(attack, {"restarts": 1}))

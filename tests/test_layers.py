@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "advcli"
 # bottom to top; the shared top-level modules come first
 ORDER = ["shared", "runs", "attacks", "data", "models", "evaluation", "training", "cli"]
-SHARED = {"errors", "config", "threads", "runtime", "distributed"}
+SHARED = {"errors", "values", "config", "threads", "runtime", "distributed"}
 
 
 def layer(module: str) -> str:

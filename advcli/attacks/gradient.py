@@ -23,135 +23,26 @@ restart with the highest loss. Evaluation PGD (``early_stop=True``) asks only "c
 broken?": an example misclassified at any step keeps that point and is never attacked again, and
 restart r runs only on the examples no earlier restart broke, so R restarts cost about
 1 + (R - 1) x (robust fraction) single runs. AutoAttack, through the reference code, is in
-`advcli.attacks.reference`.
+`advcli.attacks.reference`; the losses are in `advcli.attacks.losses`, the balls, starts and steps in
+`advcli.attacks.balls` (their names are re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from advcli.attacks.balls import (THREAT_MODELS, Ascent, Start, StartOption, ThreatModel, as_start,  # noqa: F401
+    ascent_l2, ascent_linf, project_l2, project_linf, random_l2, random_linf, start_from_flags, start_point,
+    takes_start_flags, START_FLAGS)
+from advcli.attacks.losses import (LOSSES, cross_entropy, dlr, kl_divergence, margin,  # noqa: F401
+    rejection_margin, still_safe)
 
 
 Attack = Callable[..., torch.Tensor]
-
-
-# --- losses the attacks maximise (per example, shape (B,)) -------------------------------------
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), y, reduction="none")
-
-
-def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Carlini & Wagner (2017) logit margin, max_{j != y} z_j - z_y: positive once x is misclassified."""
-    logits = logits.float()
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return others.amax(dim=1) - true
-
-
-def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Difference of logits ratio (Croce & Hein 2020, "Reliable evaluation of adversarial robustness
-    with an ensemble of diverse parameter-free attacks"): the margin divided by z_(1) - z_(3), the gap
-    between the largest and third-largest logit, so rescaling the logits does not change it. K >= 3."""
-    logits = logits.float()
-    if logits.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
-    ranked = logits.sort(dim=1, descending=True).values
-    return margin(logits, y) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
-
-
-def kl_divergence(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """KL(p || softmax(logits)) per example, ``p`` = ``target_probs`` (B, K): the loss TRADES's attack
-    maximises, with the clean prediction as ``p`` in place of labels."""
-    log_probs = F.log_softmax(logits.float(), dim=1)
-    return (target_probs * (target_probs.clamp_min(1e-12).log() - log_probs)).sum(dim=1)
-
-
-def rejection_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The adaptive loss against a K+1-output model whose last output means "adversarial input"
-    (``trainer=adv_class``): max_{j not in {y, K}} z_j - max(z_y, z_K). It is positive once the best
-    wrong class beats both the true class and the flag, i.e. the input is misclassified *and* not
-    rejected -- what an attacker who knows about the extra class must reach (Carlini & Wagner 2017,
-    "Adversarial examples are not easily detected")."""
-    logits = logits.float()
-    flag = logits.shape[1] - 1
-    guarded = torch.maximum(logits.gather(1, y[:, None]).squeeze(1), logits[:, flag])
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    others[:, flag] = float("-inf")
-    return others.amax(dim=1) - guarded
-
-
-LOSSES = {"ce": cross_entropy, "margin": margin, "dlr": dlr, "kl": kl_divergence, "rejection_margin": rejection_margin}
-
-
-def still_safe(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
-    """Per example, whether the attack with this ``loss`` has not yet succeeded: the prediction is y, or
-    for ``rejection_margin`` y or the "adversarial input" flag (the last output), which it must avoid."""
-    predicted = logits.argmax(dim=1)
-    safe = predicted == y
-    if loss == "rejection_margin":
-        safe |= predicted == logits.shape[1] - 1
-    return safe
-
-
-# --- the threat models -------------------------------------------------------------------------
-
-def project_linf(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Nearest point of the L-inf ball of radius eps: clip each pixel."""
-    return delta.clamp(-eps, eps)
-
-
-def project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Nearest point of the L2 ball of radius eps: rescale examples whose norm exceeds eps."""
-    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-    factor = (eps / norms).clamp(max=1.0)
-    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
-
-
-def random_linf(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Uniform sample from the L-inf ball."""
-    return torch.empty_like(x).uniform_(-eps, eps)
-
-
-def random_l2(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Uniform sample from the L2 ball: a uniform direction, radius eps * u^(1/d)."""
-    direction = torch.randn_like(x)
-    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    d = x[0].numel()
-    radius = eps * torch.rand(x.shape[0], device=x.device, dtype=x.dtype).pow(1.0 / d)
-    return direction * radius.view(-1, *([1] * (x.dim() - 1)))
-
-
-def ascent_linf(grad: torch.Tensor) -> torch.Tensor:
-    """Steepest-ascent direction of unit L-inf norm: the gradient's sign."""
-    return grad.sign()
-
-
-def ascent_l2(grad: torch.Tensor) -> torch.Tensor:
-    """Steepest-ascent direction of unit L2 norm: the normalised gradient."""
-    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
-
-
-@dataclass(frozen=True)
-class ThreatModel:
-    """A norm ball S: the nearest point of S (``project``), a uniform sample of it (``sample``), and the
-    steepest-ascent direction of unit norm for a gradient (``ascent``)."""
-
-    project: Callable[[torch.Tensor, float], torch.Tensor]
-    sample: Callable[[torch.Tensor, float], torch.Tensor]
-    ascent: Callable[[torch.Tensor], torch.Tensor]
-
-
-THREAT_MODELS = {
-    "linf": ThreatModel(project=project_linf, sample=random_linf, ascent=ascent_linf),
-    "l2": ThreatModel(project=project_l2, sample=random_l2, ascent=ascent_l2),
-}
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -211,20 +102,6 @@ def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def start_point(x: torch.Tensor, eps: float, norm: str, *, random_start: bool, start_std: float = 0.0) -> torch.Tensor:
-    """The first delta of an attack, inside the ball and the pixel box: uniform in the ball (``random_start``),
-    small Gaussian noise of std ``start_std`` (TRADES starts from 0.001 * N(0, 1): at delta = 0 its KL loss has
-    a zero gradient), or zero."""
-    ball = THREAT_MODELS[norm]
-    if random_start:
-        delta = ball.sample(x, eps)
-    elif start_std:
-        delta = ball.project(start_std * torch.randn_like(x), eps)
-    else:
-        return torch.zeros_like(x)
-    return (x + delta).clamp(0, 1) - x
-
-
 def _check(eps: float, steps: int, restarts: int, norm: str) -> None:
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -236,6 +113,18 @@ def _check(eps: float, steps: int, restarts: int, norm: str) -> None:
         raise ValueError(f"norm must be one of {sorted(THREAT_MODELS)}, got {norm!r}")
 
 
+def _objective(loss: str, early_stop: bool, targeted: bool) -> Callable:
+    """The per-example loss PGD ascends, once ``loss`` is known to go with ``early_stop`` and ``targeted``."""
+    loss_fn = LOSSES[loss]
+    if loss == "kl" and early_stop:
+        raise ValueError("loss='kl' maximises a divergence from soft targets; early_stop needs labels")
+    if not targeted:
+        return loss_fn
+    if early_stop:
+        raise ValueError("early_stop asks whether an example can be misclassified; a targeted attack cannot use it")
+    return lambda logits, target: -loss_fn(logits, target)
+
+
 # --- the attacks --------------------------------------------------------------------------------
 
 def none(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.0, **_: object) -> torch.Tensor:
@@ -243,9 +132,10 @@ def none(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.0, *
     return x.detach()
 
 
+@takes_start_flags
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
-        steps: int = 10, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        loss: str = "ce", early_stop: bool = False, targeted: bool = False, start_std: float = 0.0) -> torch.Tensor:
+        steps: int = 10, norm: str = "linf", start: StartOption = "uniform", restarts: int = 1,
+        loss: str = "ce", early_stop: bool = False, targeted: bool = False) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018, "Towards Deep Learning Models Resistant to
     Adversarial Attacks"): ``steps`` ascent steps of size ``alpha``, each projected back onto the
     ``norm`` ball of radius ``eps`` and onto the [0, 1] pixel box.
@@ -258,7 +148,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
             centre reach the boundary with room to move along it.
         steps: ascent steps per restart (>= 1).
         norm: "linf" (signed-gradient steps) or "l2" (normalised-gradient steps).
-        random_start: start from a uniform sample of the ball instead of x.
+        start: where each restart starts (`Start`): "uniform" (a uniform sample of the ball), "zero"
+            (x itself) or ("gaussian", std) (TRADES: 0.001). The configs' spelling, ``random_start``
+            (True: "uniform") and ``start_std`` (without a random start: Gaussian noise of this std),
+            is taken too (`takes_start_flags`).
         restarts: independent runs; per example the perturbation with the highest loss is kept.
         loss: "ce" (cross-entropy), "margin" (Carlini & Wagner logit margin), "dlr" (Croce & Hein),
             "kl" (``y`` holds target probabilities (B, K): TRADES's inner maximisation) or
@@ -271,8 +164,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
             as examples break, which BatchNorm in train mode would notice.
         targeted: ``y`` holds target classes and the attack descends the loss towards them (restarts
             keep the point closest to the target); not with ``early_stop``.
-        start_std: without ``random_start``, start from Gaussian noise of this std instead of x itself
-            (TRADES: 0.001).
 
     Returns:
         x_adv: (B, C, H, W), detached, in [0, 1], with x_adv - x inside the ball.
@@ -281,54 +172,54 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
         >>> x_adv = pgd(model, x, y, eps=8/255, steps=10)
     """
     _check(eps, steps, restarts, norm)
+    start = as_start(start)
     if eps == 0:
         return x.detach()
-    if alpha is None:
-        alpha = 2.5 * eps / steps
-    ball = THREAT_MODELS[norm]
-    loss_fn = LOSSES[loss]
-    if loss == "kl" and early_stop:
-        raise ValueError("loss='kl' maximises a divergence from soft targets; early_stop needs labels")
-    if targeted:
-        if early_stop:
-            raise ValueError("early_stop asks whether an example can be misclassified; a targeted attack cannot use it")
-        untargeted_loss = loss_fn
-        loss_fn = lambda logits, target: -untargeted_loss(logits, target)  # noqa: E731
-    x = x.detach()
-    if early_stop:
-        with frozen_parameters(model), torch.no_grad():
-            return _pgd_until_broken(model, x, y, eps, alpha, steps, restarts, random_start, norm, loss)
-
-    best_delta, best_loss = None, None
+    ascent = Ascent(eps, 2.5 * eps / steps if alpha is None else alpha, steps, norm)
+    loss_fn, x = _objective(loss, early_stop, targeted), x.detach()
     with frozen_parameters(model):
-        for _ in range(restarts):
-            delta = start_point(x, eps, norm, random_start=random_start, start_std=start_std)
-            for _ in range(steps):
-                grad = input_gradient(model, x, y, delta, loss_fn)
-                delta = ball.project(delta + alpha * ball.ascent(grad), eps)
-                delta = (x + delta).clamp(0, 1) - x  # stays in the ball: the box and ball are both convex around x
-            if restarts == 1:
-                best_delta = delta
-                break
+        if early_stop:
             with torch.no_grad():
-                run_loss = loss_fn(model(x + delta), y)
-            if best_delta is None:
-                best_delta, best_loss = delta, run_loss
-            else:
-                better = run_loss > best_loss
-                best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta, best_delta)
-                best_loss = torch.maximum(run_loss, best_loss)
-    return (x + best_delta).detach()
+                return _pgd_until_broken(model, x, y, ascent, start, restarts, loss)
+        return (x + _best_of_restarts(model, x, y, ascent, start, restarts, loss_fn)).detach()
 
 
-def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-                      restarts: int, random_start: bool, norm: str, loss: str) -> torch.Tensor:
+def _one_restart(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ascent: Ascent, start: Start,
+                 loss_fn: Callable) -> torch.Tensor:
+    """One PGD run from ``start``: its final delta."""
+    delta = start.point(x, ascent.eps, ascent.norm)
+    for _ in range(ascent.steps):
+        delta = ascent.step(x, delta, input_gradient(model, x, y, delta, loss_fn))
+    return delta
+
+
+def _best_of_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ascent: Ascent, start: Start,
+                      restarts: int, loss_fn: Callable) -> torch.Tensor:
+    """Per example, the final delta of the restart with the highest loss (one restart: its delta, with no
+    forward pass to rank it)."""
+    best_delta = _one_restart(model, x, y, ascent, start, loss_fn)
+    if restarts == 1:
+        return best_delta
+    with torch.no_grad():
+        best_loss = loss_fn(model(x + best_delta), y)
+    for _ in range(restarts - 1):
+        delta = _one_restart(model, x, y, ascent, start, loss_fn)
+        with torch.no_grad():
+            run_loss = loss_fn(model(x + delta), y)
+        better = run_loss > best_loss
+        best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta, best_delta)
+        best_loss = torch.maximum(run_loss, best_loss)
+    return best_delta
+
+
+def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ascent: Ascent, start: Start,
+                      restarts: int, loss: str) -> torch.Tensor:
     """PGD with ``early_stop=True``: see `pgd`. Runs under no_grad except for each input gradient.
 
     ``live`` holds the positions (in x) of the examples a restart still attacks: an example leaves it at the
     step it breaks, and the next restart attacks only the examples no restart has broken.
     """
-    ball, loss_fn = THREAT_MODELS[norm], LOSSES[loss]
+    loss_fn = LOSSES[loss]
     x_adv = x.clone()
     broken = torch.zeros_like(y, dtype=torch.bool)  # misclassified at some point of some restart
     best_loss = torch.full(y.shape, float("-inf"), device=x.device)  # of the unbroken examples' final points
@@ -337,9 +228,9 @@ def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
         if live.numel() == 0:
             break
         x_live, y_live = take(x, live), y[live]
-        delta = start_point(x_live, eps, norm, random_start=random_start)
-        for step in range(steps + 1):
-            if step < steps:
+        delta = start.point(x_live, ascent.eps, ascent.norm)
+        for step in range(ascent.steps + 1):
+            if step < ascent.steps:
                 grad, logits = gradient_and_logits(model, x_live, y_live, delta, loss_fn)
             else:  # the restart's final point: look, no step
                 logits = model(x_live + delta)
@@ -347,15 +238,14 @@ def _pgd_until_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
             newly_broken = live[~still_correct]
             x_adv[newly_broken] = (x_live + delta)[~still_correct]
             broken[newly_broken] = True
-            if step == steps:
+            if step == ascent.steps:
                 _keep_if_higher(x_adv, best_loss, live[still_correct], (x_live + delta)[still_correct],
                                 loss_fn(logits[still_correct], y_live[still_correct]))
                 break
             live, x_live, y_live = live[still_correct], x_live[still_correct], y_live[still_correct]
             if live.numel() == 0:
                 break
-            delta = ball.project(delta[still_correct] + alpha * ball.ascent(grad[still_correct]), eps)
-            delta = (x_live + delta).clamp(0, 1) - x_live  # the box and the ball are both convex around x
+            delta = ascent.step(x_live, delta[still_correct], grad[still_correct])
     return x_adv
 
 
@@ -367,22 +257,23 @@ def _keep_if_higher(x_adv: torch.Tensor, best_loss: torch.Tensor, rows: torch.Te
     best_loss[rows[higher]] = losses[higher]
 
 
+@takes_start_flags
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
-         norm: str = "linf", random_start: bool = False, restarts: int = 1, loss: str = "ce",
-         start_std: float = 0.0) -> torch.Tensor:
+         norm: str = "linf", start: StartOption = "zero", restarts: int = 1, loss: str = "ce") -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one ascent step, i.e. PGD with steps=1.
 
-    With ``random_start=True`` it is the "fast" adversarial training attack of Wong et al. 2020
-    ("Fast is better than free"): a uniform start in the ball, then a step of alpha = 1.25 * eps
+    With ``start="uniform"`` (``random_start=True``) it is the "fast" adversarial training attack of Wong et
+    al. 2020 ("Fast is better than free"): a uniform start in the ball, then a step of alpha = 1.25 * eps
     (the default then), projected back; ``restarts`` > 1 draws that many starts and keeps, per example,
-    the one with the highest loss. Without a random start alpha defaults to eps, which is exactly
-    Goodfellow's x + eps * sign(grad), and there is nothing to restart.
+    the one with the highest loss. From x itself (the default) alpha defaults to eps, which is exactly
+    Goodfellow's x + eps * sign(grad), and there is nothing to restart. ``start`` as in `pgd`.
 
     Returns x_adv: (B, C, H, W), detached, in [0, 1].
     """
-    if restarts > 1 and not (random_start or start_std):
-        raise ValueError("FGSM without a random start is deterministic: restarts > 1 needs random_start=True")
+    start = as_start(start)
+    if restarts > 1 and start.kind == "zero":
+        raise ValueError("FGSM without a random start is deterministic: restarts > 1 needs start='uniform' "
+                         "(random_start=True) or a Gaussian start")
     if alpha is None:
-        alpha = 1.25 * eps if random_start else eps
-    return pgd(model, x, y, eps, alpha=alpha, steps=1, norm=norm, random_start=random_start, restarts=restarts,
-               loss=loss, start_std=start_std)
+        alpha = 1.25 * eps if start.kind == "uniform" else eps
+    return pgd(model, x, y, eps, alpha=alpha, steps=1, norm=norm, start=start, restarts=restarts, loss=loss)

@@ -100,6 +100,23 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     x = x.detach()
     if eps == 0 or len(y) == 0:
         return x
+    num_classes = _autoattack_fits(model, x, norm)
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its warnings (e.g. zero gradients) still show
+    adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version=version, seed=seed, device=x.device)
+    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
+    adversary.fab.n_target_classes = min(9, num_classes - 1)
+    if attacks is not None:
+        adversary.attacks_to_run = _autoattack_parts(attacks)
+    cuda = [x.device] if x.device.type == "cuda" else []
+    # parameters frozen: FAB calls .backward(), which would otherwise fill the parameters' .grad;
+    # fork_rng: AutoAttack reseeds the global generators
+    with frozen_parameters(model), torch.random.fork_rng(devices=cuda):
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+    return x_adv.detach()
+
+
+def _autoattack_fits(model: nn.Module, x: torch.Tensor, norm: str) -> int:
+    """The model's number of classes, once it is known AutoAttack can run on it and on images of x's size."""
     with torch.no_grad():
         num_classes = model(x[:1]).shape[1]
     if num_classes < 4:
@@ -110,23 +127,17 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
             f"AutoAttack's L2 Square attack cannot handle {x.shape[-2]}x{x.shape[-1]} images: its initial grid of "
             "squares runs past the image edge (a limitation of the reference code; 28x28 and 32x32 work). Use "
             "norm=linf with attack=autoattack, or leave attack=autoattack out.")
-    logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its warnings (e.g. zero gradients) still show
-    adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version=version, seed=seed, device=x.device)
-    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
-    adversary.fab.n_target_classes = min(9, num_classes - 1)
-    if attacks is not None:
-        unknown = sorted(set(attacks) - set(AUTOATTACK_PARTS))
-        if unknown or not attacks:
-            raise ConfigError(f"AutoAttack's attacks={list(attacks)}: {', '.join(unknown) or 'an empty list'} is not "
-                              f"among {', '.join(AUTOATTACK_PARTS)}; e.g. attacks=[apgd-ce,apgd-t], or null for "
-                              "the whole version.")
-        adversary.attacks_to_run = list(attacks)
-    cuda = [x.device] if x.device.type == "cuda" else []
-    # parameters frozen: FAB calls .backward(), which would otherwise fill the parameters' .grad;
-    # fork_rng: AutoAttack reseeds the global generators
-    with frozen_parameters(model), torch.random.fork_rng(devices=cuda):
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
-    return x_adv.detach()
+    return num_classes
+
+
+def _autoattack_parts(attacks: Sequence[str]) -> list[str]:
+    """``attacks`` as AutoAttack's list of attacks to run, once each is known to be one of its parts."""
+    unknown = sorted(set(attacks) - set(AUTOATTACK_PARTS))
+    if unknown or not attacks:
+        raise ConfigError(f"AutoAttack's attacks={list(attacks)}: {', '.join(unknown) or 'an empty list'} is not "
+                          f"among {', '.join(AUTOATTACK_PARTS)}; e.g. attacks=[apgd-ce,apgd-t], or null for "
+                          "the whole version.")
+    return list(attacks)
 
 
 @contextmanager

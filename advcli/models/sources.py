@@ -68,9 +68,8 @@ def spec_from_config(model_cfg: Any, info: data.DatasetInfo, *, adversarial_clas
     shape = {"in_channels": info.in_channels, "image_size": info.image_size,
              "num_classes": info.num_classes + int(adversarial_class)}
     arguments = custom.constructor_arguments(custom.import_target(target), target, options, shape) if target else None
-    return models.model_spec(name, options, in_channels=info.in_channels, image_size=info.image_size,
-                                 num_classes=info.num_classes, mean=mean, std=std, adversarial_class=adversarial_class,
-                                 classes=info.classes, target=target, arguments=arguments)
+    return models.model_spec(name, options, info, normalize=(mean, std), adversarial_class=adversarial_class,
+                             target=target, arguments=arguments)
 
 
 def model_options(model_cfg: Any) -> dict[str, Any]:

@@ -8,24 +8,30 @@ A spec names an architecture of advcli's registry (``name``, ``options``) or a c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
 from advcli import models
+from advcli.data.sets import DatasetInfo
 from advcli.errors import CheckpointError
 
 
-def model_spec(name: str, options: dict[str, Any], *, in_channels: int, image_size: int, num_classes: int,
-               mean, std, adversarial_class: bool = False, classes=None, target: str | None = None,
-               arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything `build_model` needs, as plain data. ``num_classes`` is the data's K; with
-    ``adversarial_class`` the model has K + 1 outputs, the last meaning "adversarial input". ``classes``: the
-    class names, where the data has them (for the pictures). A model of one's own: ``target``, its class's
-    import path, and ``arguments``, the keyword arguments it is called with (`advcli.models.custom`)."""
-    return {"name": name, "options": dict(options), "in_channels": in_channels, "image_size": image_size,
-            "num_classes": num_classes, "mean": list(mean), "std": list(std), "adversarial_class": adversarial_class,
-            **({"classes": list(classes)} if classes else {}),
+def model_spec(name: str, options: dict[str, Any], info: DatasetInfo, *,
+               normalize: tuple[Sequence[float], Sequence[float]] | None = None, adversarial_class: bool = False,
+               target: str | None = None, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything `build_model` needs, as plain data: the model ``name`` and ``options`` on the dataset ``info``
+    (its input shape, K = ``num_classes`` and class names, where it has them).
+
+    ``normalize``: the (mean, std) the model's Normalize layer uses; None: the dataset's. With
+    ``adversarial_class`` the model has K + 1 outputs, the last meaning "adversarial input". A model of one's
+    own: ``target``, its class's import path, and ``arguments``, the keyword arguments it is called with
+    (`advcli.models.custom`). The spec records no dataset name, as it always has: checkpoints stay the same."""
+    mean, std = normalize if normalize is not None else (info.mean, info.std)
+    return {"name": name, "options": dict(options), "in_channels": info.in_channels, "image_size": info.image_size,
+            "num_classes": info.num_classes, "mean": list(mean), "std": list(std),
+            "adversarial_class": adversarial_class,
+            **({"classes": list(info.classes)} if info.classes else {}),
             **({"target": target, "arguments": dict(arguments or {})} if target else {})}
 
 
