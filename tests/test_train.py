@@ -154,3 +154,19 @@ def test_the_held_out_check_runs_in_the_evaluation_precision_whatever_the_traini
                          {"clean": attacks.none, "robust": validation_attack}, eps=0.1)
     assert metrics["history"][0]["val_robust_acc"] == again["robust"]["acc"]
     assert metrics["history"][0]["val_clean_acc"] == again["clean"]["acc"]
+
+
+def test_a_one_cycle_epoch_line_shows_the_mean_rate_it_trained_with_not_its_first(tmp_path, caplog):
+    # one-cycle over 2 epochs of S steps: the rate climbs from 0 at step 0 to lr at step S, then back to lr/S at
+    # step 2S-1: epoch 1 starts at 0 and trains with a mean of lr (S-1)/2S, epoch 2 with lr (S+1)/2S
+    with caplog.at_level("INFO", logger="advcli.training.train"):
+        metrics = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2", "lr_schedule=onecycle",
+                                                               "lr=0.004", "lr_peak=0.5")))
+    steps = math.ceil(metrics["num_train"] / 64)
+    first, second = metrics["history"]
+    assert first["lr"] == 0.0  # the rate when the epoch began: the trackers' train/lr, as before
+    assert first["lr_mean"] == pytest.approx(0.004 * (steps - 1) / (2 * steps))
+    assert second["lr_mean"] == pytest.approx(0.004 * (steps + 1) / (2 * steps))
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and not any("lr 0.0e+00" in line for line in lines)
+    assert f"lr(mean) {first['lr_mean']:.1e}" in lines[0] and f"lr(mean) {second['lr_mean']:.1e}" in lines[1]

@@ -36,7 +36,7 @@ from advcli.evaluation.evaluate import eval_settings, evaluate, evaluate_model, 
 from advcli.runs import checkpoint, paths, report, seeds, tracking
 # load_data and Choices too: they were defined here before, and callers import them from here
 from advcli.training.build import build_run, check_settings, load_data, run_directory, Choices, Run  # noqa: F401
-from advcli.training.epoch import train_epoch, EpochProgress
+from advcli.training.epoch import mean_lr, train_epoch, EpochProgress
 from advcli.training.guards import never_robust, overfitting, StopRequests
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,10 @@ def fit_epoch(run: Run, state: TrainingState, epoch: int, stop: StopRequests, sh
             f"stopped the run in epoch {epoch} after batch {done.batches} of {run.steps_per_epoch}; its state is saved "
             f"in {ckpt_path}. Run the same command again with hydra.run.dir={run.out} to continue where it stopped "
             f"(or resume={ckpt_path}).")
-    entry = {"epoch": epoch, "lr": done.lr, "train_loss": done.loss_sum / max(done.seen, 1),
+    # lr: the rate when the epoch began (the trackers' train/lr); lr_mean: what it trained with, as printed
+    entry = {"epoch": epoch, "lr": done.lr, "lr_mean": mean_lr(run.opt.scheduler, (epoch - 1) * run.steps_per_epoch,
+                                                               run.steps_per_epoch),
+             "train_loss": done.loss_sum / max(done.seen, 1),
              "train_acc": done.correct / max(done.judged, 1), "time_s": done.time_s, **validate(run)}
     state.history.append(entry)
     state.epoch = epoch
