@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from advcli import config
 from advcli.evaluation.evaluate import evaluate_checkpoint
 from advcli.runs import checkpoint
-from advcli.runs.report import training_results
+from advcli.runs.report import training_results, write_json
 from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
@@ -83,6 +84,32 @@ def test_resume_continues_to_the_same_weights(tmp_path, extra):
             assert torch.equal(tensor, again[key][name]), (key, name)
 
 
+def test_a_run_recorded_as_trainer_standard_shows_its_results_and_resumes_as_minmax(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    first = train(compose_config("train", tiny_overrides(run, "evaluation.sanity.enabled=false")))
+    # what advcli wrote before min-max training was named minmax (and objectives had their old module path)
+    payload = checkpoint.load(run / "checkpoint.pt")
+    payload["config"]["trainer"] = {"name": "standard", "_target_": "advcli.objectives.MinMax"}
+    payload["fingerprint"].update({"trainer.name": "standard", "trainer._target_": "advcli.objectives.MinMax"})
+    checkpoint.save(run / "checkpoint.pt", payload)
+    write_json(run / "metrics.json", {**first, "trainer": "standard",
+                                      "fingerprint": config.fingerprint_id(payload["fingerprint"])})
+
+    def evaluated_again(*args, **kwargs):
+        raise AssertionError("a finished run's results are shown again, not recomputed")
+
+    monkeypatch.setattr("advcli.training.train.final_evaluation", evaluated_again)
+    for name in ("minmax", "standard"):  # the new name and the old one on the command line
+        shown = train(compose_config("train", tiny_overrides(run, f"trainer={name}", "evaluation.sanity.enabled=false")))
+        assert shown["test"] == first["test"]
+        assert "trained with pgd for 1 epoch(s)" in training_results(shown)  # min-max with PGD, as before
+    monkeypatch.undo()
+    more = train(compose_config("train", tiny_overrides(run, "epochs=2", "evaluation.sanity.enabled=false")))
+    assert [entry["epoch"] for entry in more["history"]] == [1, 2]  # continued, not refused or restarted
+    assert more["history"][0] == first["history"][0] and more["trainer"] == "minmax"
+    assert checkpoint.load(run / "checkpoint.pt")["config"]["trainer"]["name"] == "minmax"
+
+
 def test_an_ema_run_evaluates_and_saves_the_average_and_resumes_from_the_trained_weights(tmp_path):
     metrics = train(compose_config("train", tiny_overrides(tmp_path, "ema.decay=0.9", "epochs=2")))
     payload = checkpoint.load(tmp_path / "checkpoint.pt")
@@ -123,7 +150,7 @@ def test_the_evaluation_ending_training_and_advcli_eval_of_its_checkpoint_agree_
 def test_the_run_is_labelled_with_the_attack_chosen_on_the_command_line(tmp_path, capsys):
     metrics = train(compose_config("train", tiny_overrides(tmp_path, "attack=pgd_margin", "attack.steps=2")))
     assert metrics["attack"] == "pgd_margin" and metrics["attack_settings"]["loss"] == "margin"
-    assert metrics["trainer"] == "standard" and metrics["epochs_trained"] == 1
+    assert metrics["trainer"] == "minmax" and metrics["epochs_trained"] == 1
     assert "trained with pgd_margin for 1 epoch(s)" in capsys.readouterr().out
 
 

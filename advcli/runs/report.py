@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from advcli.config import format_eps
+from advcli.config import format_eps, renamed_choice
 from advcli.runs.checkpoint import atomic_write
 from advcli.runs.stats import format_interval, wilson_interval
 
@@ -148,7 +148,8 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
 
 def training_results(metrics: Mapping[str, Any]) -> str:
     """What ``advcli train`` prints at its end: how the model was trained, the results table, the sanity report."""
-    how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
+    trainer = renamed_choice("trainer", metrics["trainer"])  # runs recorded before min-max was named minmax
+    how = metrics["attack"] if trainer == "minmax" else f"{trainer} ({metrics['attack']})"
     how += f" for {metrics['epochs_trained']} epoch(s)"
     if metrics.get("ema_decay") is not None:
         how += f", evaluated as the EMA of its weights (decay {metrics['ema_decay']})"

@@ -155,8 +155,9 @@ def build_run(cfg: DictConfig, choices: Choices, ranks: distributed.Ranks, devic
         logging.getLogger().setLevel(logging.WARNING)
     amp_dtype = runtime.resolve_amp(cfg.amp, device)
     s, info = choices.settings, choices.info
-    log.info("device %s, %s, eps %s (%s), run directory %s%s", device, runtime.describe_precision(amp_dtype),
-             config.format_eps(s.eps), s.norm, out, f", {ranks.world} processes" if ranks.enabled else "")
+    log.info("%s training with %s, eps %s (%s); device %s, %s, run directory %s%s", choices.trainer_name,
+             choices.attack_name, config.format_eps(s.eps), s.norm, device, runtime.describe_precision(amp_dtype), out,
+             f", {ranks.world} processes" if ranks.enabled else "")
     runtime.seed_everything(cfg.seed)
     train_set, val_set, test_set = load_data(cfg, choices, device)
     spec = sources.spec_from_config(cfg.model, info, adversarial_class=bool(choices.objective.extra_outputs))

@@ -53,6 +53,7 @@ class TrainingState:
     best_score: float = -math.inf           # best held-out robust accuracy so far (best.pt's)
     stopped: dict[str, Any] | None = None   # what the overfitting guard found, if it fired
     partial: EpochProgress | None = None    # an interrupted epoch's progress
+    recorded: dict[str, Any] | None = None  # the checkpoint's fingerprint, as its advcli wrote it (old names)
 
     def done(self, cfg: DictConfig) -> bool:
         """Nothing left to train: every epoch ran, or the overfitting guard ended the run."""
@@ -81,7 +82,8 @@ def resume(run: Run) -> TrainingState:
         torch.manual_seed(run.cfg.seed + payload["epoch"] + 1_000_003 * run.ranks.rank)
     state = TrainingState(epoch=payload["epoch"], history=list(payload["history"]),
                           best_score=payload["best_score"], stopped=payload["stopped"],
-                          partial=EpochProgress(**payload["partial"]) if payload.get("partial") else None)
+                          partial=EpochProgress(**payload["partial"]) if payload.get("partial") else None,
+                          recorded=payload["fingerprint"])
     where = f"epoch {state.epoch + 1}, batch {state.partial.batches}" if state.partial else f"the end of epoch {state.epoch}"
     log.info("resuming from %s at %s", path, where)
     return state
@@ -276,7 +278,7 @@ def write_report(run: Run, metrics: dict[str, Any]) -> None:
     run.tracker.log_results(metrics, out)
 
 
-def finished_results(run: Run) -> dict[str, Any] | None:
+def finished_results(run: Run, state: TrainingState) -> dict[str, Any] | None:
     """The results of this very run when it already finished here (same settings): shown again, not recomputed.
 
     metrics.json is written anew (the same results), so that a re-run sweep counts it as this job's result.
@@ -286,7 +288,10 @@ def finished_results(run: Run) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if metrics.get("fingerprint") != config.fingerprint_id(run.fingerprint):
+    same = {config.fingerprint_id(run.fingerprint)}
+    if state.recorded and not config.fingerprint_changes(state.recorded, run.fingerprint):
+        same.add(config.fingerprint_id(state.recorded))  # the same settings, recorded under an older name
+    if metrics.get("fingerprint") not in same:
         return None
     log.info("this run already finished in %s with the same settings: its results, not a new evaluation", run.out)
     if run.ranks.is_main:
@@ -312,7 +317,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def train_run(run: Run, started: float) -> dict[str, Any]:
     """Resume, fit and evaluate a built run; a finished one shows its results."""
     state = resume(run)
-    if state.done(run.cfg) and (results := finished_results(run)) is not None:
+    if state.done(run.cfg) and (results := finished_results(run, state)) is not None:
         return results
     with tracking.tracked(run.cfg, run.out, command="train", continuing=bool(state.epoch or state.partial),
                           enabled=run.ranks.is_main) as run.tracker:
