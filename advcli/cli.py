@@ -4,7 +4,9 @@
 ``--cfg job`` and ``-m`` (multirun) work as Hydra users expect; each hands its config to the library
 function that does the work (`advcli.training.train.train`, `advcli.evaluation.evaluate.evaluate_checkpoint`,
 `advcli.evaluation.viz.visualize_checkpoints`) through `run_guarded`, which turns a `UserError` into one paragraph
-and exit status 2. ``summarize`` takes paths (argparse). Nothing else in advcli reads ``sys.argv``.
+and exit status 2 (and removes the run directory Hydra made for a refused command, if nothing else is in it).
+Before Hydra runs, an unknown config group choice (``dataset=nope``) and an unusable run directory are refused the
+same way. ``summarize`` takes paths (argparse). Nothing else in advcli reads ``sys.argv``.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ def remove_unused_run_directory() -> None:
             return
         for name in HYDRA_FILES:
             (hydra_dir / name).unlink(missing_ok=True)
-        hydra_dir.rmdir() if hydra_dir.is_dir() else None
+        if hydra_dir.is_dir():
+            hydra_dir.rmdir()
         for name in own - {".hydra"}:
             (run_dir / name).unlink(missing_ok=True)
         for folder in [run_dir, *run_dir.parents]:
