@@ -4,13 +4,16 @@
 ``--cfg job`` and ``-m`` (multirun) work as Hydra users expect; each hands its config to the library
 function that does the work (`advcli.training.train.train`, `advcli.evaluation.evaluate.evaluate_checkpoint`,
 `advcli.evaluation.viz.visualize_checkpoints`) through `run_guarded`, which turns a `UserError` into one paragraph
-and exit status 2. ``summarize`` takes paths (argparse). Nothing else in advcli reads ``sys.argv``.
+and exit status 2 (and removes the run directory Hydra made for a refused command, if nothing else is in it).
+Before Hydra runs, an unknown config group choice (``dataset=nope``) and an unusable run directory are refused the
+same way. ``summarize`` takes paths (argparse). Nothing else in advcli reads ``sys.argv``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.resources
 import os
 import sys
 from pathlib import Path
@@ -20,6 +23,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from advcli.errors import one_paragraph, ConfigError, UserError
+
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}  # what Hydra writes into a run's .hydra folder
+_existed_before: Path | None = None  # the run directory's deepest folder that existed before this command
 
 COMMANDS = {
     "train": "train a model (min-max adversarial training), then evaluate it against every attack",
@@ -51,11 +57,70 @@ def main() -> None:
         sys.exit(2)
     if command == "summarize":
         return summarize_command(args)
+    check_group_choices(args)
+    global _existed_before
+    _existed_before = existing_part_of_run_directory(args)
     check_run_directory(args, exclusive=command in ("train", "eval"))
     if command in ("eval", "import"):
         args = eps_list_as_typed(args)
     sys.argv = [f"advcli {command}", *args]
     {"train": train_app, "eval": eval_app, "viz": viz_app, "import": import_app}[command]()
+
+
+def check_group_choices(args: list[str]) -> None:
+    """An unknown choice of a config group (``dataset=nope``) stops here with one paragraph that lists the choices,
+    before Hydra makes a run directory or prints its search path. Choices Hydra finds elsewhere (``--config-dir``
+    folders) count; with ``hydra.searchpath`` or another primary config, Hydra alone decides."""
+    if any(arg.lstrip("+").startswith("hydra.searchpath") or arg.split("=")[0] in ("--config-path", "-cp",
+                                                                                 "--config-name", "-cn") for arg in args):
+        return
+    roots = [Path(str(importlib.resources.files("advcli.configs")))] + config_dirs(args)
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    for arg in args:
+        key, is_override, value = arg.partition("=")
+        group = key.lstrip("+").split("@", 1)[0].strip("/")
+        if not is_override or key.startswith(("~", "-")) or group.startswith("hydra") or \
+                not any((root / group).is_dir() for root in roots):
+            continue
+        for choice in group_values(value, multirun=multirun):
+            if not any((root / group / f"{choice}.yaml").is_file() for root in roots):
+                raise_unknown_choice(key.lstrip("+"), group, choice, roots)
+
+
+def config_dirs(args: list[str]) -> list[Path]:
+    """The folders given with ``--config-dir DIR`` (or ``-cd DIR``, ``--config-dir=DIR``)."""
+    found = []
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            found.append(Path(os.path.expanduser(value)))
+    return found
+
+
+def group_values(value: str, *, multirun: bool) -> list[str]:
+    """The choices an override names: one, a list (``logger=[csv,mlflow]``), or a sweep's (``-m dataset=a,b``);
+    none for null, interpolations and sweep functions (``choice(...)``, ``glob(...)``), which Hydra reads."""
+    value = value.strip()
+    if value in ("", "null") or "(" in value or "${" in value:
+        return []
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    elif not multirun and "," in value:
+        return []  # Hydra refuses a sweep without -m in its own words
+    return [part.strip().strip("'\"") for part in value.split(",") if part.strip() not in ("", "null")]
+
+
+def raise_unknown_choice(key: str, group: str, choice: str, roots: list[Path]) -> None:
+    """One paragraph on stderr and exit status 2: what was not found, the group's choices and how to go on."""
+    names = sorted({path.relative_to(root / group).with_suffix("").as_posix() for root in roots
+                    if (root / group).is_dir() for path in (root / group).rglob("*.yaml")})
+    where = " or in the --config-dir folders" if len(roots) > 1 else ""
+    print(f"advcli: error: {key}={choice}: no {group} is called {choice} (there is no {group}/{choice}.yaml among "
+          f"advcli's configs{where}). The {group} choices are: {', '.join(names)}. Pick one of them, e.g. "
+          f"{key}={names[0] if names else '...'}, or write your own {group}/{choice}.yaml into a folder and add "
+          f"that folder with --config-dir PATH.", file=sys.stderr)
+    sys.exit(2)
 
 
 def check_run_directory(args: list[str], *, exclusive: bool = False) -> None:
@@ -77,6 +142,54 @@ def check_run_directory(args: list[str], *, exclusive: bool = False) -> None:
     except UserError as error:
         print(f"advcli: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+
+
+def existing_part_of_run_directory(args: list[str]) -> Path | None:
+    """The deepest folder on the way to the run directory that exists before Hydra makes the rest (``outputs`` or
+    the folder holding it for the default ``outputs/DATE/TIME``): a refused command removes what was made below it
+    (`remove_unused_run_directory`), never this folder itself. None for a sweep: its jobs keep their folders."""
+    if any(arg in ("-m", "--multirun") for arg in args):
+        return None
+    given = [arg.split("=", 1)[1] for arg in args if arg.startswith("hydra.run.dir=")]
+    literal = (given[-1] if given else "outputs/").split("${", 1)[0]  # what ${now:...} will name is not there yet
+    folder = Path(os.path.expanduser(literal or ".")).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def remove_unused_run_directory() -> None:
+    """After a command was refused: remove the run directory Hydra made for it when it holds nothing but Hydra's
+    own files (the config copies in .hydra/, the log) and advcli's released lock, and the empty folders made for it,
+    so that a refusal leaves no empty run behind. A directory with anything else in it (a checkpoint, results, a
+    user's file), or one that existed before the command, stays as it is."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from advcli.runs.paths import holder_of, LOCK_FILE
+
+    if _existed_before is None or not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
+    if _existed_before not in run_dir.parents or holder_of(run_dir) is not None:
+        return
+    hydra_dir = run_dir / ".hydra"
+    own = {".hydra", f"{HydraConfig.get().job.name}.log", LOCK_FILE}
+    try:
+        if not {entry.name for entry in run_dir.iterdir()} <= own or (
+                hydra_dir.is_dir() and not {entry.name for entry in hydra_dir.iterdir()} <= HYDRA_FILES):
+            return
+        for name in HYDRA_FILES:
+            (hydra_dir / name).unlink(missing_ok=True)
+        if hydra_dir.is_dir():
+            hydra_dir.rmdir()
+        for name in own - {".hydra"}:
+            (run_dir / name).unlink(missing_ok=True)
+        for folder in [run_dir, *run_dir.parents]:
+            if folder == _existed_before or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    except OSError:  # a file appeared meanwhile, or it cannot be removed: leave what is left
+        return
 
 
 def check_not_in_use(folder: Path) -> None:
@@ -142,6 +255,9 @@ def run_guarded(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             raise
         elif os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
             print(f"advcli: error: {one_paragraph(error)}", file=sys.stderr, flush=True)
+            if exit_code == 2:  # refused: no empty run directory left behind
+                paths.release_all()
+                remove_unused_run_directory()
         sys.exit(exit_code)
     finally:
         paths.release_all()  # the run directory is free for the next job of a sweep run in this process

@@ -133,8 +133,8 @@ def training_label(run_cfg: Any) -> str:
     if "imported" in run_cfg:
         return f"imported ({run_cfg['imported']})"
     attack = choice_name(run_cfg["attack"], "attack")
-    trainer = choice_name(run_cfg["trainer"], "trainer") if "trainer" in run_cfg else "standard"
-    return f"{attack}-trained" if trainer == "standard" else f"{trainer} ({attack})"
+    trainer = renamed_choice("trainer", choice_name(run_cfg["trainer"], "trainer")) if "trainer" in run_cfg else "minmax"
+    return f"{attack}-trained" if trainer == "minmax" else f"{trainer} ({attack})"
 
 
 def plain(node: Any) -> dict[str, Any]:
@@ -333,6 +333,16 @@ MOVED_TARGETS = {"advcli.autoattack.": "advcli.attacks.", "advcli.objectives.": 
                  "advcli.sweep.": "advcli.runs.sweep."}
 
 
+# A config group's choice renamed since runs recorded it (group -> {old name: new name}): the old name still composes
+# (configs/trainer/standard.yaml), and a run recorded under it is the same run, labelled by the new name.
+RENAMED_CHOICES = {"trainer": {"standard": "minmax"}}
+
+
+def renamed_choice(group: str, name: Any) -> Any:
+    """A recorded choice of ``group`` under its current name: ``("trainer", "standard")`` -> ``"minmax"``."""
+    return RENAMED_CHOICES.get(group, {}).get(name, name) if isinstance(name, str) else name
+
+
 def renamed_target(value: Any) -> Any:
     """A recorded ``_target_`` under its current path."""
     for old, new in MOVED_TARGETS.items():
@@ -343,9 +353,11 @@ def renamed_target(value: Any) -> Any:
 
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, old value, new value)`` for every key that differs (a missing key reads as ``<unset>``, or as its
-    `ADDED_LATER` default)."""
+    `ADDED_LATER` default; a moved target or renamed choice in ``old`` reads as its current name)."""
     missing = "<unset>"
     old = {**{k: v for k, v in ADDED_LATER.items() if k not in old and k in new}, **old}
-    old = {key: renamed_target(value) if key.endswith("_target_") else value for key, value in old.items()}
+    old = {key: renamed_target(value) if key.endswith("_target_")
+           else renamed_choice(key.removesuffix(".name"), value) if key.endswith(".name") else value
+           for key, value in old.items()}
     return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted({*old, *new})
             if old.get(key, missing) != new.get(key, missing)]

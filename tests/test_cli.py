@@ -55,10 +55,31 @@ def test_bad_eps_is_one_paragraph_and_a_non_zero_exit(tmp_path, eps, fragment):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_unknown_group_choice_lists_the_valid_ones(tmp_path):
-    result = run_advcli("train", "model=resnet9000", f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "cnn" in result.stderr and "preact_resnet18" in result.stderr
+@pytest.mark.parametrize("group,shipped", [("dataset", ["mnist", "cifar10", "synthetic"]),
+                                           ("model", ["cnn", "preact_resnet18", "wrn28_10"])])
+def test_an_unknown_group_choice_is_one_paragraph_naming_the_choices_and_leaves_no_run_directory(tmp_path, group,
+                                                                                               shipped):
+    result = run_advcli("train", f"{group}=nope", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    [paragraph] = result.stderr.strip().splitlines()  # one paragraph: no traceback, no search path
+    assert paragraph.startswith(f"advcli: error: {group}=nope: no {group} is called nope")
+    choices = sorted(path.stem for path in (REPO / "configs" / group).glob("*.yaml"))
+    assert f"The {group} choices are: {', '.join(choices)}." in paragraph and set(shipped) <= set(choices)
+    assert "search path" not in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # no outputs/ at all
+
+
+@pytest.mark.parametrize("bad", ["epochs=-1", "eps=abc"])
+def test_a_refused_command_leaves_no_run_directory_but_never_removes_one_with_work_in_it(tmp_path, bad):
+    result = run_advcli("train", bad, "device=cpu", cwd=tmp_path)  # Hydra's own outputs/DATE/TIME
+    assert result.returncode == 2 and bad in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists(), sorted(map(str, tmp_path.rglob("*")))
+    mine = tmp_path / "mine"  # a run directory that already holds a user's file: refused, kept as it was
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    kept = run_advcli("train", bad, "device=cpu", f"hydra.run.dir={mine}", cwd=tmp_path)
+    assert kept.returncode == 2 and (mine / "notes.txt").read_text() == "mine"
+    assert (mine / ".hydra" / "config.yaml").is_file()  # nothing in it is removed
 
 
 def test_hydra_flags_pass_through():

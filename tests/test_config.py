@@ -66,7 +66,7 @@ DOCUMENTED_CHOICES = {
                "apgd_t": {"_target_": "advcli.attacks.apgd_targeted"},
                "square": {"_target_": "advcli.attacks.square"}},
     "evaluation": {"default": {"cascade": True}, "fast": {"cascade": False}, "autoattack": {"cascade": False}},
-    "trainer": {"standard": {"_target_": "advcli.training.objectives.MinMax"},
+    "trainer": {"minmax": {"_target_": "advcli.training.objectives.MinMax"},
                 "trades": {"_target_": "advcli.training.objectives.Trades"},
                 "mart": {"_target_": "advcli.training.objectives.Mart", "beta": 6.0},
                 "adv_class": {"_target_": "advcli.training.objectives.AdversarialClass"}},
@@ -81,6 +81,17 @@ def test_config_groups_offer_the_documented_choices(group, choices):
         if group != "optimizer":  # optimizers are named by their _target_ only
             expected = {"name": choice, **expected}
         assert {key: cfg[group].get(key) for key in expected} == expected, f"{group}={choice}"
+
+
+def test_trainer_standard_is_the_former_name_of_minmax_and_runs_recorded_under_it_read_as_minmax():
+    assert compose_config("train", ["trainer=standard"]).trainer == compose_config("train", []).trainer
+    assert compose_config("train", []).trainer.name == "minmax"
+    before = {"attack": {"name": "pgd"}, "trainer": {"name": "standard", "_target_": "advcli.objectives.MinMax"}}
+    now = {"attack": {"name": "pgd"}, "trainer": {"name": "minmax", "_target_": "advcli.training.objectives.MinMax"}}
+    assert config.training_label(before) == config.training_label(now) == "pgd-trained"
+    assert config.training_label({**now, "trainer": {"name": "trades"}}) == "trades (pgd)"
+    assert config.fingerprint_changes(config.flatten(before), config.flatten(now)) == []
+    assert config.fingerprint_changes(config.flatten({**before, "trainer": {"name": "trades"}}), config.flatten(now))
 
 
 def test_data_root_follows_the_environment(monkeypatch, tmp_path):

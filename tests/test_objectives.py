@@ -1,4 +1,4 @@
-"""Training objectives (trainer=standard | trades | mart | adv_class) and the evaluation of a model with an
+"""Training objectives (trainer=minmax | trades | mart | adv_class) and the evaluation of a model with an
 "adversarial input" output."""
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def test_adaptive_attack_lowers_accuracy_with_rejection_at_least_as_much(adv_cla
     assert "warnings" not in trained  # not mistaken for a run that never became robust
 
 
-def test_adv_class_run_resumes_and_is_refused_as_a_standard_checkpoint(adv_class_run, tmp_path):
+def test_adv_class_run_resumes_and_is_refused_as_a_minmax_checkpoint(adv_class_run, tmp_path):
     run, _ = adv_class_run
     more = train(compose_config("train", tiny_overrides(run, "trainer=adv_class", "epochs=4", "lr=3e-3", "eps=0.1",
                                                        "dataset.num_train=1024", "evaluation.sanity.enabled=false",
@@ -217,7 +217,7 @@ def test_adv_class_needs_a_training_attack(tmp_path):
         train(compose_config("train", tiny_overrides(tmp_path, "trainer=adv_class", "attack=none")))
 
 
-def test_standard_checkpoint_is_evaluated_exactly_as_before(tmp_path):
+def test_minmax_checkpoint_is_evaluated_exactly_as_before(tmp_path):
     metrics = train(compose_config("train", tiny_overrides(tmp_path / "run", "evaluation.sanity.enabled=false")))
     assert set(metrics["test"]) == {"clean", "fgsm", "pgd", "pgd_margin", "any_attack"}
     for row in metrics["test"].values():

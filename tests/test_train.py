@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from advcli import config
 from advcli.evaluation.evaluate import evaluate_checkpoint
 from advcli.runs import checkpoint
-from advcli.runs.report import training_results
+from advcli.runs.report import training_results, write_json
 from advcli.training.train import train
 from conftest import compose_config, tiny_overrides
 
@@ -83,6 +84,32 @@ def test_resume_continues_to_the_same_weights(tmp_path, extra):
             assert torch.equal(tensor, again[key][name]), (key, name)
 
 
+def test_a_run_recorded_as_trainer_standard_shows_its_results_and_resumes_as_minmax(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    first = train(compose_config("train", tiny_overrides(run, "evaluation.sanity.enabled=false")))
+    # what advcli wrote before min-max training was named minmax (and objectives had their old module path)
+    payload = checkpoint.load(run / "checkpoint.pt")
+    payload["config"]["trainer"] = {"name": "standard", "_target_": "advcli.objectives.MinMax"}
+    payload["fingerprint"].update({"trainer.name": "standard", "trainer._target_": "advcli.objectives.MinMax"})
+    checkpoint.save(run / "checkpoint.pt", payload)
+    write_json(run / "metrics.json", {**first, "trainer": "standard",
+                                      "fingerprint": config.fingerprint_id(payload["fingerprint"])})
+
+    def evaluated_again(*args, **kwargs):
+        raise AssertionError("a finished run's results are shown again, not recomputed")
+
+    monkeypatch.setattr("advcli.training.train.final_evaluation", evaluated_again)
+    for name in ("minmax", "standard"):  # the new name and the old one on the command line
+        shown = train(compose_config("train", tiny_overrides(run, f"trainer={name}", "evaluation.sanity.enabled=false")))
+        assert shown["test"] == first["test"]
+        assert "trained with pgd for 1 epoch(s)" in training_results(shown)  # min-max with PGD, as before
+    monkeypatch.undo()
+    more = train(compose_config("train", tiny_overrides(run, "epochs=2", "evaluation.sanity.enabled=false")))
+    assert [entry["epoch"] for entry in more["history"]] == [1, 2]  # continued, not refused or restarted
+    assert more["history"][0] == first["history"][0] and more["trainer"] == "minmax"
+    assert checkpoint.load(run / "checkpoint.pt")["config"]["trainer"]["name"] == "minmax"
+
+
 def test_an_ema_run_evaluates_and_saves_the_average_and_resumes_from_the_trained_weights(tmp_path):
     metrics = train(compose_config("train", tiny_overrides(tmp_path, "ema.decay=0.9", "epochs=2")))
     payload = checkpoint.load(tmp_path / "checkpoint.pt")
@@ -123,7 +150,7 @@ def test_the_evaluation_ending_training_and_advcli_eval_of_its_checkpoint_agree_
 def test_the_run_is_labelled_with_the_attack_chosen_on_the_command_line(tmp_path, capsys):
     metrics = train(compose_config("train", tiny_overrides(tmp_path, "attack=pgd_margin", "attack.steps=2")))
     assert metrics["attack"] == "pgd_margin" and metrics["attack_settings"]["loss"] == "margin"
-    assert metrics["trainer"] == "standard" and metrics["epochs_trained"] == 1
+    assert metrics["trainer"] == "minmax" and metrics["epochs_trained"] == 1
     assert "trained with pgd_margin for 1 epoch(s)" in capsys.readouterr().out
 
 
@@ -154,3 +181,19 @@ def test_the_held_out_check_runs_in_the_evaluation_precision_whatever_the_traini
                          {"clean": attacks.none, "robust": validation_attack}, eps=0.1)
     assert metrics["history"][0]["val_robust_acc"] == again["robust"]["acc"]
     assert metrics["history"][0]["val_clean_acc"] == again["clean"]["acc"]
+
+
+def test_a_one_cycle_epoch_line_shows_the_mean_rate_it_trained_with_not_its_first(tmp_path, caplog):
+    # one-cycle over 2 epochs of S steps: the rate climbs from 0 at step 0 to lr at step S, then back to lr/S at
+    # step 2S-1: epoch 1 starts at 0 and trains with a mean of lr (S-1)/2S, epoch 2 with lr (S+1)/2S
+    with caplog.at_level("INFO", logger="advcli.training.train"):
+        metrics = train(compose_config("train", tiny_overrides(tmp_path, "epochs=2", "lr_schedule=onecycle",
+                                                               "lr=0.004", "lr_peak=0.5")))
+    steps = math.ceil(metrics["num_train"] / 64)
+    first, second = metrics["history"]
+    assert first["lr"] == 0.0  # the rate when the epoch began: the trackers' train/lr, as before
+    assert first["lr_mean"] == pytest.approx(0.004 * (steps - 1) / (2 * steps))
+    assert second["lr_mean"] == pytest.approx(0.004 * (steps + 1) / (2 * steps))
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and not any("lr 0.0e+00" in line for line in lines)
+    assert f"lr(mean) {first['lr_mean']:.1e}" in lines[0] and f"lr(mean) {second['lr_mean']:.1e}" in lines[1]

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from advcli.config import format_eps
+from advcli.config import format_eps, renamed_choice
 from advcli.runs.checkpoint import atomic_write
 from advcli.runs.stats import format_interval, wilson_interval
 
@@ -148,7 +148,8 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
 
 def training_results(metrics: Mapping[str, Any]) -> str:
     """What ``advcli train`` prints at its end: how the model was trained, the results table, the sanity report."""
-    how = metrics["attack"] if metrics["trainer"] == "standard" else f"{metrics['trainer']} ({metrics['attack']})"
+    trainer = renamed_choice("trainer", metrics["trainer"])  # runs recorded before min-max was named minmax
+    how = metrics["attack"] if trainer == "minmax" else f"{trainer} ({metrics['attack']})"
     how += f" for {metrics['epochs_trained']} epoch(s)"
     if metrics.get("ema_decay") is not None:
         how += f", evaluated as the EMA of its weights (decay {metrics['ema_decay']})"
@@ -164,13 +165,14 @@ def training_results(metrics: Mapping[str, Any]) -> str:
 
 
 def epoch_line(entry: Mapping[str, Any], epochs: int) -> str:
-    """``epoch 3/10  train loss 0.4120 acc 87.10%  val clean 95.20% robust 80.30%  lr 1.0e-03  41.2s``."""
+    """``epoch 3/10  train loss 0.4120 acc 87.10%  val clean 95.20% robust 80.30%  lr(mean) 1.0e-03  41.2s``."""
     parts = [f"epoch {entry['epoch']}/{epochs}",
              f"train loss {entry['train_loss']:.4f} acc {percent(entry['train_acc'])}"]
     val = [f"{key[4:-4]} {percent(value)}" for key, value in entry.items() if key.startswith("val_") and key.endswith("_acc")]
     if val:
         parts.append("val " + " ".join(val))
-    parts.append(f"lr {entry['lr']:.1e}")
+    # the epoch's mean: its first rate alone reads as "trained at lr 0" on a one-cycle schedule's first epoch
+    parts.append(f"lr(mean) {entry['lr_mean']:.1e}" if "lr_mean" in entry else f"lr {entry['lr']:.1e}")
     parts.append(f"{entry['time_s']:.1f}s")
     return "  ".join(parts)
 

@@ -75,6 +75,13 @@ def lr_schedule(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(name, total_steps, peak))
 
 
+
+def mean_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, first_step: int, steps: int) -> float:
+    """The mean learning rate of the ``steps`` optimiser steps from ``first_step`` on: what an epoch trained with,
+    where its first or last rate alone can read as 0 (a one-cycle schedule starts and ends there)."""
+    schedule, base = scheduler.lr_lambdas[0], scheduler.base_lrs[0]
+    return base * sum(schedule(step) for step in range(first_step, first_step + steps)) / max(steps, 1)
+
 # --- one step and one pass -------------------------------------------------------------------------
 
 @dataclass

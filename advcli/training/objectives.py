@@ -17,8 +17,8 @@ unless the run says otherwise (``attack_mode=``).
 The caller owns autocast, setting that BatchNorm mode, the reduction of the loss over the batch (and
 over ranks) and the optimiser step.
 
-- `MinMax` (``trainer=standard``): Madry et al. 2018, the cross-entropy at the attack's point; with
-  ``attack=none`` it is standard training.
+- `MinMax` (``trainer=minmax``; ``trainer=standard``, its former name, still works): Madry et al. 2018, the
+  cross-entropy at the attack's point; with ``attack=none`` it is standard training.
 - `Trades` (``trainer=trades``): Zhang et al. 2019, clean cross-entropy plus beta times the KL
   divergence between the clean and the perturbed prediction, the perturbation maximising that KL.
 - `Mart` (``trainer=mart``): Wang et al. 2020, the boosted cross-entropy at the attack's point plus beta
