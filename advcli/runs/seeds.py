@@ -18,6 +18,8 @@ import statistics
 from typing import Any, Mapping, Sequence
 
 from advcli.config import fingerprint_id, flatten, NOT_IN_FINGERPRINT
+from advcli.runs import tables
+from advcli.runs.stats import is_number
 
 TIMES = ("train_time_s", "eval_time_s")  # averaged besides every accuracy column
 SHARED = ("dataset", "model", "attack", "eps", "eps_value", "evaluation")  # the same in every job of a group
@@ -63,7 +65,8 @@ def group(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN: no number
+    """A value a mean over seeds can take: NaN (a diverged seed's accuracy) is left out, not averaged in."""
+    return is_number(value, nan_is_number=False)
 
 
 def statistic_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -111,8 +114,5 @@ def is_grouped(rows: Sequence[dict[str, Any]]) -> bool:
 
 def mean_text(row: dict[str, Any], column: str) -> str:
     """``87.1 ± 0.4 (n=3)`` in percent points for a fraction column; ``87.1 (n=1)`` for one seed; ``-`` for none."""
-    mean, spread = row.get(f"{column}_mean"), row.get(f"{column}_std")
-    if not _number(mean):
-        return "-"
-    shown = f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if _number(spread) else "")
-    return f"{shown} (n={row.get(f'{column}_n', row['n_seeds'])})"
+    return tables.mean_spread(row.get(f"{column}_mean"), row.get(f"{column}_std"),
+                              row.get(f"{column}_n", row.get("n_seeds")))
