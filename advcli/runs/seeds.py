@@ -15,7 +15,9 @@ Wilson interval stays in the per-job summary, ``advcli summarize --per-job``).
 from __future__ import annotations
 
 import statistics
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
 
 from advcli.config import fingerprint_id, flatten, NOT_IN_FINGERPRINT
 from advcli.runs import tables
@@ -30,10 +32,21 @@ def ignored(key: str) -> bool:
     return key == "seed" or any(key == left or key.startswith(left + ".") for left in NOT_IN_FINGERPRINT)
 
 
-def settings_id(run_config: Mapping[str, Any]) -> str:
-    """A hash of a job's whole config less its seed and the settings that change no result: jobs with the same id
-    differ only in their seed."""
-    return fingerprint_id({k: v for k, v in flatten(run_config).items() if not ignored(k)})
+def settings_id(run_config: Any) -> str:
+    """A hash of a job's whole config, resolved, less its seed and the settings that change no result: jobs with the
+    same id differ only in their seed.
+
+    The one id of a run: ``advcli train`` passes the config it runs with (metrics.json), a sweep's summary the job's
+    ``.hydra/config.yaml`` (unresolved, as Hydra saves it); both resolve it here, so ``optimizer.lr: ${lr}`` counts
+    as its value either way. The left-out settings are blanked before resolving: they may name the environment or
+    Hydra's runtime (``${oc.env:...}``), which a later ``advcli summarize`` does not share."""
+    tree = OmegaConf.to_container(run_config, resolve=False) if OmegaConf.is_config(run_config) else dict(run_config)
+    node = OmegaConf.create(tree)
+    for key in flatten(tree):
+        if ignored(key):
+            OmegaConf.update(node, key, None, merge=False)
+    return fingerprint_id({k: v for k, v in flatten(OmegaConf.to_container(node, resolve=True)).items()
+                           if not ignored(k)})
 
 
 def settings_key(row: dict[str, Any]) -> tuple | None:

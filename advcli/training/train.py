@@ -396,7 +396,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "checkpoint": str(run.out / "checkpoint.pt"), "best_checkpoint": str(run.out / "best.pt"),
         "sanity": found.sanity, "overfit_guard": state.stopped or {"triggered": False},
         "fingerprint": config.fingerprint_id(run.fingerprint),
-        "settings_id": seeds.settings_id(config.plain(cfg)),  # the same for runs that differ only in their seed
+        "settings_id": seeds.settings_id(cfg),  # the same for runs that differ only in their seed
     }
     if warning:
         metrics["warnings"] = [warning]
