@@ -14,7 +14,8 @@ from advcli.attacks import pgd
 from advcli.attacks.reference import apgd, autoattack
 from advcli.cli import eps_list_as_typed
 from advcli.errors import MissingExtra
-from advcli.evaluation.evaluate import attack_outcomes, evaluate, evaluate_checkpoint, evaluation_attacks
+from advcli.evaluation.eval_command import evaluate_checkpoint
+from advcli.evaluation.evaluate import attack_outcomes, evaluate, evaluation_attacks
 from advcli.training.train import train
 from conftest import TinyConvNet, compose_config, run_advcli, tiny_overrides
 
@@ -205,7 +206,7 @@ def test_attack_choice_that_clashes_with_a_default_attack_is_refused(tmp_path, t
 
 def test_a_retired_evaluation_setting_is_refused_before_loading_data(tmp_path, tiny_checkpoint):
     from advcli.errors import ConfigError
-    from advcli.evaluation.evaluate import check_eval_settings
+    from advcli.evaluation.eval_command import check_eval_settings
 
     with pytest.raises(ConfigError, match="evaluation.escalate is no longer a setting"):
         check_eval_settings(compose_config("eval", [f"ckpt={tiny_checkpoint}", "+evaluation.escalate.attacks.apgd_t.steps=3",

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.runs import checkpoint
 from advcli.runs.report import training_results
 from advcli.training.train import train

@@ -39,7 +39,7 @@ def with_interval(row: dict, hits: int, n: int) -> dict:
     return {**row, "acc": hits / n, "n": n, "ci95": list(wilson_interval(hits, n))}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Outcomes:
     """Per-example results of one pass: which examples each attack left correctly classified, the
     cross-entropy at each attack's output, the seconds each attack took (attack + forward) and how many
@@ -92,10 +92,11 @@ class Outcomes:
 
     def head(self, n: int) -> Outcomes:
         """The outcomes of the first ``n`` examples."""
-        return Outcomes(self.clean[:n], {k: v[:n] for k, v in self.correct.items()},
-                        {k: v[:n] for k, v in self.loss.items()}, dict(self.time_s),
-                        {k: v[:n] for k, v in self.flagged.items()},
-                        None if self.false_flags is None else self.false_flags[:n], dict(self.attacked), self.cascade)
+        return Outcomes(clean=self.clean[:n], correct={k: v[:n] for k, v in self.correct.items()},
+                        loss={k: v[:n] for k, v in self.loss.items()}, time_s=dict(self.time_s),
+                        flagged={k: v[:n] for k, v in self.flagged.items()},
+                        false_flags=None if self.false_flags is None else self.false_flags[:n],
+                        attacked=dict(self.attacked), cascade=self.cascade)
 
     def standing(self) -> torch.Tensor:
         """Which examples are correct without attack and under every attack, bool (N,)."""
@@ -106,19 +107,20 @@ class Outcomes:
 
     def then(self, cascade: Outcomes) -> Outcomes:
         """These outcomes (attacks run alone) followed by a cascade run on what they left standing, as one."""
-        return Outcomes(self.clean, {**self.correct, **cascade.correct}, {**self.loss, **cascade.loss},
-                        {**self.time_s, **cascade.time_s}, dict(self.flagged), self.false_flags,
-                        {**self.attacked, **cascade.attacked}, cascade=True)
+        return Outcomes(clean=self.clean, correct={**self.correct, **cascade.correct},
+                        loss={**self.loss, **cascade.loss}, time_s={**self.time_s, **cascade.time_s}, flagged=dict(self.flagged),
+                        false_flags=self.false_flags, attacked={**self.attacked, **cascade.attacked}, cascade=True)
 
     def gathered(self) -> Outcomes:
         """Under torchrun: every rank's outcomes (each rank evaluated a contiguous share), in order."""
         names = list(self.attacked)
         counts = distributed.total_counts(*(self.attacked[k] for k in names), device=self.clean.device)
-        return Outcomes(distributed.gather(self.clean), {k: distributed.gather(v) for k, v in self.correct.items()},
-                        {k: distributed.gather(v) for k, v in self.loss.items()}, dict(self.time_s),
-                        {k: distributed.gather(v) for k, v in self.flagged.items()},
-                        None if self.false_flags is None else distributed.gather(self.false_flags),
-                        dict(zip(names, counts)), self.cascade)
+        return Outcomes(clean=distributed.gather(self.clean),
+                        correct={k: distributed.gather(v) for k, v in self.correct.items()},
+                        loss={k: distributed.gather(v) for k, v in self.loss.items()}, time_s=dict(self.time_s),
+                        flagged={k: distributed.gather(v) for k, v in self.flagged.items()},
+                        false_flags=None if self.false_flags is None else distributed.gather(self.false_flags),
+                        attacked=dict(zip(names, counts)), cascade=self.cascade)
 @dataclass
 class _Parts:
     """One pass's per-batch pieces, concatenated into `Outcomes` at the end."""
