@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from advcli.errors import ConfigError
 from advcli.runs.stats import wilson_interval
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[str], None]  # called with an attack's name each time it is done with a batch (a progress bar)
 
 
 def is_clean(attack: Attack) -> bool:
@@ -155,14 +156,16 @@ def _attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: At
     return logits.float(), time.perf_counter() - started
 
 
-def attack_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float, amp_dtype: torch.dtype | None = None,
-                    adversarial_class: bool = False) -> Outcomes:
+def attack_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float,
+                    amp_dtype: torch.dtype | None = None, adversarial_class: bool = False,
+                    step: Step | None = None) -> Outcomes:
     """Attack every batch with every attack and keep the per-example results (see `Outcomes`).
 
     Examples the model misclassifies without attack count as broken by every attack and are not
     attacked; the rest go to every attack. The model runs in eval mode and is left in the mode it came
     in, with its weights untouched. ``adversarial_class``: the model's last output means "adversarial
-    input"; record which inputs it flags. (Wrap ``batches`` in tqdm for a progress bar.)
+    input"; record which inputs it flags. ``step``: called after each attack on each batch (a progress bar's
+    update: len(attacks) steps a batch).
     """
     parts = _new_parts(attacks)
     with runtime.eval_mode(model):
@@ -190,6 +193,8 @@ def attack_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, At
                 parts.loss[name].append(loss)
                 if name in parts.flagged:
                     parts.flagged[name].append(flagged)
+                if step is not None:
+                    step(name)
     return parts.outcomes(next(model.parameters()).device, adversarial_class)
 
 
@@ -207,12 +212,14 @@ def margin_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def cascade_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float,
-                     standing: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None) -> Outcomes:
+                     standing: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
+                     step: Step | None = None) -> Outcomes:
     """Attack every batch with each attack in turn, each on every example the earlier ones left correctly
     classified, at its full budget (see the module's docstring). ``standing``: bool (N,) over all batches, the
     examples still standing before the first attack (e.g. after attacks that ran alone); default: those the
     model classifies correctly. ``correct[name]``: still correct after that attack and every one before it;
-    ``loss[name]``: the cross-entropy at the worst point found up to it (the highest-loss point kept so far)."""
+    ``loss[name]``: the cross-entropy at the worst point found up to it (the highest-loss point kept so far).
+    ``step``: as in `attack_outcomes`."""
     parts = _new_parts(attacks)
     offset = 0
     with runtime.eval_mode(model):
@@ -236,4 +243,6 @@ def cascade_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, A
                     alive[live] = found.argmax(dim=1) == y[live]
                 parts.correct[name].append(alive.clone())
                 parts.loss[name].append(F.cross_entropy(worst, y, reduction="none"))
+                if step is not None:
+                    step(name)
     return parts.outcomes(next(model.parameters()).device, adversarial_class=False, cascade=True)

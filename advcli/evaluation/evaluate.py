@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -31,7 +31,7 @@ from advcli import config, data, distributed, runtime
 from advcli.attacks import checks as attack_checks, reference as autoattack, Attack
 from advcli.errors import ConfigError
 from advcli.evaluation import sanity
-from advcli.evaluation.cascade import attack_outcomes, cascade_outcomes, Outcomes
+from advcli.evaluation.cascade import attack_outcomes, Batches, cascade_outcomes, Outcomes, Step
 
 
 
@@ -53,23 +53,49 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return (found.gathered() if gather else found).summary()
 
 
-def outcomes_of(model: nn.Module, make_batches: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                attacks: Mapping[str, Attack], eps: float, settings: EvalSettings) -> Outcomes:
+Pass = Callable[[str, int], tuple[Batches, Step]]  # (part, attacks in it) -> a pass over the examples, its step
+
+
+def outcomes_of(model: nn.Module, make_pass: Pass, attacks: Mapping[str, Attack], eps: float,
+                settings: EvalSettings) -> Outcomes:
     """Per-example outcomes at ``eps``: every attack alone (`attack_outcomes`), or, for a cascade, the attacks
     named in ``settings.alone`` alone on every example, then the others as a cascade on what they left standing.
-    ``make_batches(part)``: a fresh pass over the examples (with a progress bar named for the part)."""
+    ``make_pass(part, count)``: a fresh pass over the examples and the step its ``count`` attacks take per batch
+    (a progress bar named for the part)."""
     kwargs = dict(eps=eps, amp_dtype=settings.amp_dtype)
     if not settings.cascade:
-        return attack_outcomes(model, make_batches("attacks"), attacks, adversarial_class=settings.adversarial_class,
+        batches, step = make_pass("attacks", len(attacks))
+        return attack_outcomes(model, batches, attacks, adversarial_class=settings.adversarial_class, step=step,
                                **kwargs)
     alone = {name: attack for name, attack in attacks.items() if name in settings.alone}
     chain = {name: attack for name, attack in attacks.items() if name not in settings.alone}
     if not alone:
-        return cascade_outcomes(model, make_batches("cascade"), chain, **kwargs)
-    first = attack_outcomes(model, make_batches("each attack alone"), alone, **kwargs)
+        batches, step = make_pass("cascade", len(chain))
+        return cascade_outcomes(model, batches, chain, step=step, **kwargs)
+    batches, step = make_pass("each attack alone", len(alone))
+    first = attack_outcomes(model, batches, alone, step=step, **kwargs)
     if not chain:
         return first
-    return first.then(cascade_outcomes(model, make_batches("cascade"), chain, standing=first.standing(), **kwargs))
+    batches, step = make_pass("cascade", len(chain))
+    return first.then(cascade_outcomes(model, batches, chain, standing=first.standing(), step=step, **kwargs))
+
+
+def progress_pass(batches: Batches, *, steps: int, desc: str, enabled: bool) -> tuple[Iterator[Any], Step]:
+    """``batches`` with a progress bar of ``steps`` steps, one per attack per batch, so that an evaluation whose
+    every batch takes minutes still moves; the bar shows the attack last done and goes when the pass ends."""
+    bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not enabled, dynamic_ncols=True)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name, refresh=False)
+        bar.update()
+
+    def closing() -> Iterator[Any]:
+        try:
+            yield from batches
+        finally:
+            bar.close()
+
+    return closing(), step
 
 
 def evaluation_attacks(attack_cfgs: Mapping[str, Any]) -> tuple[dict[str, Attack], dict[str, dict[str, Any]]]:
@@ -162,12 +188,12 @@ def evaluate_model(model: nn.Module, images: data.ImageSet, attack_cfgs: Mapping
         for eps, text in settings.eps_values:
             label = f"{settings.desc} eps={text}" if len(settings.eps_values) > 1 else settings.desc
 
-            def make_batches(part: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-                return tqdm(data.batches(mine, settings.batch_size, channels_last=settings.channels_last),
-                            desc=f"{label}: {part}", total=data.num_batches(len(mine), settings.batch_size),
-                            leave=False, disable=not settings.progress, dynamic_ncols=True)
+            def make_pass(part: str, count: int) -> tuple[Batches, Step]:
+                return progress_pass(data.batches(mine, settings.batch_size, channels_last=settings.channels_last),
+                                     steps=count * data.num_batches(len(mine), settings.batch_size),
+                                     desc=f"{label}: {part}", enabled=settings.progress)
 
-            found = outcomes_of(model, make_batches, attacks, eps, settings)
+            found = outcomes_of(model, make_pass, attacks, eps, settings)
             outcomes[eps] = found.gathered() if ranks.enabled else found
             results = outcomes[eps].summary()
             for name in described:

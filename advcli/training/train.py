@@ -392,6 +392,7 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
         "train_time_s": train_time,
         "eval_time_s": time.perf_counter() - eval_start, "wall_time_s": time.perf_counter() - started,
+        "attack_time_s": found.attack_time_s, "sanity_time_s": found.sanity_time_s,  # as advcli eval records them
         "device": str(run.test_set.images.device), "precision": run.fingerprint["amp"], "torch": torch.__version__,
         "checkpoint": str(run.out / "checkpoint.pt"), "best_checkpoint": str(run.out / "best.pt"),
         "sanity": found.sanity, "overfit_guard": state.stopped or {"triggered": False},
