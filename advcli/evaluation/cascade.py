@@ -109,8 +109,9 @@ class Outcomes:
     def then(self, cascade: Outcomes) -> Outcomes:
         """These outcomes (attacks run alone) followed by a cascade run on what they left standing, as one."""
         return Outcomes(clean=self.clean, correct={**self.correct, **cascade.correct},
-                        loss={**self.loss, **cascade.loss}, time_s={**self.time_s, **cascade.time_s}, flagged=dict(self.flagged),
-                        false_flags=self.false_flags, attacked={**self.attacked, **cascade.attacked}, cascade=True)
+                        loss={**self.loss, **cascade.loss}, time_s={**self.time_s, **cascade.time_s},
+                        flagged=dict(self.flagged), false_flags=self.false_flags,
+                        attacked={**self.attacked, **cascade.attacked}, cascade=True)
 
     def gathered(self) -> Outcomes:
         """Under torchrun: every rank's outcomes (each rank evaluated a contiguous share), in order."""
