@@ -131,7 +131,7 @@ def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
         accuracies = [_pct(row.get(f"{n}_acc")) for n in names]
         accuracies.insert(at, tables.MISSING if interval is None else format_interval(*interval))
         body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
-                     *[str(_cell(row, key)) for key in varying], str(row.get("n", "-")), *accuracies,
+                     *[str(_cell(row, key)) for key in varying], str(row.get("n", tables.MISSING)), *accuracies,
                      tables.fixed(row.get("train_time_s"), 1)])
     return tables.markdown_table(columns_of(header, ("job", "n", "95% CI", "train s")), body), common_text
 
@@ -146,7 +146,7 @@ def group_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
     body = []
     for row in rows:
         body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
-                     *[str(_cell(row, key)) for key in varying], row["seeds"] or "-", str(row.get("n") or "-"),
+                     *[str(_cell(row, key)) for key in varying], row["seeds"] or tables.MISSING, str(row.get("n") or tables.MISSING),
                      *[seeds.mean_text(row, f"{n}_acc") for n in names],
                      tables.fixed(row.get("train_time_s_mean"), 1)])
     return tables.markdown_table(columns_of(header, ("n", "train s")), body), common_text
