@@ -2,7 +2,7 @@
 
 ``train``, ``eval``, ``import`` and ``viz`` are Hydra apps (``@hydra.main`` below), so Hydra's overrides, ``--help``,
 ``--cfg job`` and ``-m`` (multirun) work as Hydra users expect; each hands its config to the library
-function that does the work (`advcli.training.train.train`, `advcli.evaluation.evaluate.evaluate_checkpoint`,
+function that does the work (`advcli.training.train.train`, `advcli.evaluation.eval_command.evaluate_checkpoint`,
 `advcli.evaluation.viz.visualize_checkpoints`) through `run_guarded`, which turns a `UserError` into one paragraph
 and exit status 2 (and removes the run directory Hydra made for a refused command, if nothing else is in it).
 Before Hydra runs, an unknown config group choice (``dataset=nope``) and an unusable run directory are refused the
@@ -287,8 +287,8 @@ def train_app(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="eval")
 def eval_app(cfg: DictConfig) -> float:
-    """``advcli eval``: `advcli.evaluation.evaluate.evaluate_checkpoint`; the PGD robust accuracy at the largest eps."""
-    return robust_accuracy(run_guarded(_library("advcli.evaluation.evaluate", "evaluate_checkpoint"), cfg))
+    """``advcli eval``: `advcli.evaluation.eval_command.evaluate_checkpoint`; the PGD robust accuracy at the largest eps."""
+    return robust_accuracy(run_guarded(_library("advcli.evaluation.eval_command", "evaluate_checkpoint"), cfg))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advcli.configs", config_name="eval")

@@ -1,7 +1,7 @@
 """Data-parallel runs under ``torchrun``: which process this is, which examples are its own, and the
 collectives that put the ranks' results back together.
 
-``torchrun --nproc_per_node=N -m advcli.training.train ...`` starts N copies of the same command and tells each
+``torchrun --nproc_per_node=N -m advcli train ...`` starts N copies of the same command and tells each
 its rank through the environment (RANK, WORLD_SIZE, LOCAL_RANK). advcli spawns nothing itself. Each
 rank holds the whole (small) dataset on its device, draws the same seeded order of the epoch, and
 takes its own slice of every global batch; the attack runs per rank on its slice; DistributedDataParallel

@@ -92,7 +92,8 @@ def proven_breakable() -> str:
 
     from advcli import data, models
     from advcli.attacks.reference import autoattack
-    from advcli.evaluation.evaluate import check_eval_settings, eval_settings, evaluate_model
+    from advcli.evaluation.eval_command import check_eval_settings
+    from advcli.evaluation.evaluate import eval_settings, evaluate_model
 
     indices = torch.tensor([int(line) for line in (MODELS_DIR / BREAKABLE).read_text().split()])
     with initialize_config_module(config_module="advcli.configs", version_base="1.3"):

@@ -17,7 +17,7 @@ from torch import nn
 
 from advcli import data, models
 from advcli.errors import CheckpointError, ConfigError, Interrupted
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.models import sources, uses_batchnorm, weights
 from advcli.runs import checkpoint
 from advcli.training import epoch as epoch_module

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.training.train import train
 from conftest import compose_config
 

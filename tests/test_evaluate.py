@@ -14,7 +14,8 @@ from advcli.attacks import pgd
 from advcli.attacks.reference import apgd, autoattack
 from advcli.cli import eps_list_as_typed
 from advcli.errors import MissingExtra
-from advcli.evaluation.evaluate import attack_outcomes, evaluate, evaluate_checkpoint, evaluation_attacks
+from advcli.evaluation.eval_command import evaluate_checkpoint
+from advcli.evaluation.evaluate import attack_outcomes, evaluate, evaluation_attacks
 from advcli.training.train import train
 from conftest import TinyConvNet, compose_config, run_advcli, tiny_overrides
 
@@ -205,7 +206,7 @@ def test_attack_choice_that_clashes_with_a_default_attack_is_refused(tmp_path, t
 
 def test_a_retired_evaluation_setting_is_refused_before_loading_data(tmp_path, tiny_checkpoint):
     from advcli.errors import ConfigError
-    from advcli.evaluation.evaluate import check_eval_settings
+    from advcli.evaluation.eval_command import check_eval_settings
 
     with pytest.raises(ConfigError, match="evaluation.escalate is no longer a setting"):
         check_eval_settings(compose_config("eval", [f"ckpt={tiny_checkpoint}", "+evaluation.escalate.attacks.apgd_t.steps=3",
@@ -270,3 +271,54 @@ def test_a_checkpoint_with_an_adversarial_input_output_is_evaluated_as_advcli_tr
     trained = json.loads((run / "metrics.json").read_text())
     assert metrics["evaluation"] == "fast" and "pgd_adaptive" in metrics["test"]
     assert set(metrics["test"]) == set(trained["test"])
+
+
+def test_the_evaluation_progress_bar_moves_once_per_attack_per_batch(robust_mlp, monkeypatch, capsys):
+    """A bar per pass over the examples, one step each time an attack is done with a batch (an evaluation whose
+    every batch takes minutes still moves); ``progress=false`` draws nothing."""
+    from tqdm.auto import tqdm
+
+    from advcli import data
+    from advcli.evaluation import evaluate as evaluate_module
+    from advcli.evaluation.cascade import Outcomes
+    from advcli.evaluation.evaluate import EvalSettings, evaluate_model
+
+    bars = []
+
+    class Counting(tqdm):
+        def __init__(self, *args, **kwargs):
+            self.updates = 0
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates += n
+            return super().update(n)
+
+    monkeypatch.setattr(evaluate_module, "tqdm", Counting)
+    model, x, y = robust_mlp
+    images = data.ImageSet((x[:80] * 255).round().to(torch.uint8), y[:80])  # 80 examples: 3 batches of 32
+    attack_cfgs = dict(compose_config("eval", ["evaluation=fast", "ckpt=unused", "norm=linf", "restarts=1",
+                                               "evaluation.attacks.pgd.steps=2",
+                                               "evaluation.attacks.pgd_margin.steps=2"]).evaluation.attacks)
+    runs = {"fast": dict(cascade=False), "cascade": dict(cascade=True, alone=("fgsm",))}
+    for name, how in runs.items():
+        bars.clear()
+        evaluate_model(model, images, attack_cfgs, EvalSettings(eps_values=((0.05, "0.05"),), norm="linf",
+                                                                batch_size=32, progress=True, **how))
+        counts = [(bar.desc, bar.total, bar.updates) for bar in bars]
+        expected = ([("test: attacks", 12, 12)] if name == "fast" else  # 4 attacks x 3 batches
+                    [("test: each attack alone", 3, 3), ("test: cascade", 9, 9)])
+        assert counts == expected, name
+    assert capsys.readouterr().err  # the bars were drawn
+
+    bars.clear()
+    evaluate_model(model, images, attack_cfgs, EvalSettings(eps_values=((0.05, "0.05"),), norm="linf",
+                                                            batch_size=32, progress=False))
+    assert [bar.disable for bar in bars] == [True] and capsys.readouterr().err == ""
+
+    # built by keyword only: a positional call would silently swap fields
+    with pytest.raises(TypeError):
+        EvalSettings(((0.05, "0.05"),), "linf")
+    with pytest.raises(TypeError):
+        Outcomes(torch.ones(2, dtype=torch.bool))

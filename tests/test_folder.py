@@ -13,7 +13,7 @@ from PIL import Image
 from advcli.data import dataset_info, folder, load_split
 from advcli.errors import CheckpointError, DataError
 from advcli.evaluation import viz
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.evaluation.viz import visualize_checkpoints
 from advcli.runs import checkpoint
 from advcli.training.train import train

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from advcli import attacks, models
 from advcli.errors import ConfigError
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.runs import checkpoint
 from advcli.training import objectives
 from advcli.training.train import train

@@ -16,7 +16,7 @@ from torch import nn
 from advcli import models
 from advcli.data import dataset_info
 from advcli.errors import CheckpointError, ConfigError
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.models import sources, weights
 from advcli.runs import checkpoint
 from advcli.training.train import train

@@ -120,3 +120,29 @@ def test_the_results_say_which_evaluation_made_them(preset, said):
         assert next(line for line in lines if line.startswith("pgd ")).split()[-1] == "951"
         assert next(line for line in lines if line.startswith("clean ")).split()[-1] == "-"
     assert "fast evaluation" not in report.training_results(training_metrics())  # an older metrics.json: no label
+
+
+def test_a_cascades_shared_loss_is_labelled_and_explained():
+    rows = planted_rows()
+    plain = report.results_table(rows, eps=0.3, norm="linf").splitlines()
+    assert plain[0].split()[-1] == "loss" and not any(line.startswith("loss*") for line in plain)
+    rows["pgd"]["in_cascade"] = True  # pgd ran on what fgsm left: its loss is at the worst point kept so far
+    lines = report.results_table(rows, eps=0.3, norm="linf", cascade=True).splitlines()
+    assert lines[0].split()[-2:] == ["loss*", "attacked"] and len(lines[0]) == len(lines[1])
+    assert report.SHARED_LOSS_NOTE in lines and report.SHARED_LOSS_NOTE.startswith("loss*: ")
+    assert any(line.startswith(" " * 12 + " then a cascade") for line in lines)
+
+
+def test_one_table_builder_aligns_columns_and_shows_missing_values_as_a_dash():
+    from advcli.runs import tables
+
+    columns = [tables.Column("name"), tables.Column("acc %", right=True)]
+    text = tables.markdown_table(columns, [["pgd", tables.percent(0.5, sign=False)],
+                                           ["a longer name", tables.percent(None)]])
+    assert text.splitlines() == ["| name          | acc % |", "|---------------|------:|",
+                                 "| pgd           | 50.00 |", "| a longer name |     - |"]
+    fixed = [tables.Column("a", width=4), tables.Column("b", right=True, width=6)]
+    assert tables.text_table(fixed, [["x", "1.0"], "a note", ["toolong", "2"]]) == [
+        "a         b", "-----------", "x       1.0", "a note", "toolong      2"]  # a long cell overflows, never cut
+    assert tables.mean_spread(0.871, 0.004, 3) == "87.1 ± 0.4 (n=3)" and tables.mean_spread(float("nan"), 0, 1) == "-"
+    assert tables.fixed(None, 1) == "-" and tables.fixed(2.25, 1) == "2.2"

@@ -138,3 +138,30 @@ def test_runs_without_a_sweeps_config_group_only_by_the_settings_their_metrics_r
     rows = seeds.group(sweep.summarize(folders))
     assert [(row["seeds"], row["clean_acc_mean"]) for row in rows] == [("0 1", pytest.approx(0.85)), ("2", 0.1),
                                                                       ("3", 0.5)]
+
+
+def test_a_runs_settings_id_is_the_same_in_its_metrics_and_in_its_sweeps_summary(tmp_path):
+    """advcli train records settings_id(cfg) from the config it runs with; the summary reads the job's
+    .hydra/config.yaml, which Hydra saves unresolved (``optimizer.lr: ${lr}``, ``eps: 8/255``): one id either way."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+
+    ids = {}
+    for name, lr in (("a", "0.01"), ("b", "0.02")):
+        cfg = compose_config("train", ["dataset=synthetic", "model=mlp", "optimizer=sgd", "eps=8/255", f"lr={lr}",
+                                       f"seed={len(ids)}", f"device={'cpu' if ids else 'cuda'}"])
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")  # as Hydra saves a job's config
+        saved = (job / ".hydra" / "config.yaml").read_text()
+        assert "lr: ${lr}" in saved and "${oc.env:" in saved  # interpolations the two paths would read differently
+        (job / ".hydra" / "overrides.yaml").write_text(f"- lr={lr}\n")
+        (job / "metrics.json").write_text(json.dumps({"seed": len(ids), "settings_id": seeds.settings_id(cfg),
+                                                      "test": {"clean": {"acc": 0.5, "n": 10}}}))
+        ids[name] = seeds.settings_id(cfg)
+        assert sweep.read_run(job)["settings_id"] == ids[name]
+    assert ids["a"] != ids["b"]  # the resolved learning rate is part of the settings; the seed and device are not
+    same_but_seed = compose_config("train", ["dataset=synthetic", "model=mlp", "optimizer=sgd", "eps=8/255",
+                                             "lr=0.01", "seed=5", "threads=3"])
+    assert seeds.settings_id(same_but_seed) == ids["a"]

@@ -53,3 +53,29 @@ def test_mcnemar_without_discordant_pairs_and_what_counts_as_outside_noise():
 def test_format_interval_in_percent_points():
     assert format_interval(0.862, 0.891) == "[86.2, 89.1]"
     assert format_interval(0.0, 1.0, digits=2) == "[0.00, 100.00]"
+
+
+def test_what_counts_as_a_number_and_nan_is_each_callers_named_choice():
+    import math
+
+    import numpy as np
+
+    from advcli.runs.stats import is_number
+
+    nan = float("nan")
+    assert is_number(nan, nan_is_number=True) and not is_number(nan, nan_is_number=False)
+    assert is_number(3, nan_is_number=False) and is_number(np.float32(0.5), nan_is_number=False)
+    assert not any(is_number(value, nan_is_number=True) for value in (True, None, "0.5", [1.0]))
+    with pytest.raises(TypeError):
+        is_number(0.5)  # the choice must be made where it is used
+
+    # a mean over seeds leaves a diverged seed's NaN out; a tracker logs it, so the diverged run shows
+    from advcli.runs import seeds, tracking
+
+    members = [{"job": i, "status": "ok", "seed": i, "n": 100, "dir": str(i), "overrides": {}, "pgd_acc": acc}
+               for i, acc in enumerate((0.4, nan, 0.6))]
+    row = seeds.aggregate(members)
+    assert row["pgd_acc_mean"] == pytest.approx(0.5) and row["pgd_acc_n"] == 2
+    logged = tracking.result_metrics({"test": {"pgd": {"acc": nan, "loss": 1.0}}})
+    assert math.isnan(logged["test/acc/pgd"]) and logged["test/loss/pgd"] == 1.0
+    assert math.isnan(tracking.epoch_metrics({"epoch": 1, "train_loss": nan})["train/loss"])

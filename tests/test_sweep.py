@@ -69,6 +69,22 @@ def test_a_sweep_ends_with_one_summary_row_per_job_holding_the_jobs_own_numbers(
 
 
 @pytest.mark.slow
+def test_each_jobs_settings_id_is_the_same_in_its_metrics_and_in_the_summary(sweep):
+    """Train records the id of the config it ran with; the summary computes it from the job's saved config, which
+    holds interpolations (``optimizer.lr: ${lr}``): both resolve them, so one run has one id."""
+    from advcli.runs import sweep as sweeps
+
+    folder, _ = sweep
+    rows = sweeps.summarize([folder])
+    assert len(rows) == 4
+    for row in rows:
+        job = Path(row["dir"])
+        assert "${lr}" in (job / ".hydra" / "config.yaml").read_text()
+        assert row["settings_id"] == json.loads((job / "metrics.json").read_text())["settings_id"]
+    assert len({row["settings_id"] for row in rows}) == 4  # every job ran other settings
+
+
+@pytest.mark.slow
 def test_summarize_rebuilds_the_same_summary(sweep, tmp_path):
     folder, _ = sweep
     again = run_advcli("summarize", "--out", str(tmp_path / "again"), str(folder))

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from advcli import config
 from advcli.errors import ConfigError, Interrupted, MissingExtra, TrackingError
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.runs import loggers, tracking
 from advcli.training.train import train
 from conftest import compose_config, run_advcli, tiny_overrides

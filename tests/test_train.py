@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from advcli import config
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.runs import checkpoint
 from advcli.runs.report import training_results, write_json
 from advcli.training.train import train
@@ -145,6 +145,12 @@ def test_the_evaluation_ending_training_and_advcli_eval_of_its_checkpoint_agree_
     assert evaluated["test"] == metrics["test"]  # every row: accuracy, loss, settings
     assert evaluated["sanity"] == metrics["sanity"]
     assert metrics["test"]["pgd"]["restarts"] == 2
+    # the seconds each attack took, under the same keys as advcli eval's
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    attacks = set(metrics["test"]) - {"any_attack"}
+    assert set(on_disk["attack_time_s"]) == set(evaluated["attack_time_s"]) == attacks
+    assert all(seconds >= 0 for seconds in on_disk["attack_time_s"].values()) and on_disk["attack_time_s"]["pgd"] > 0
+    assert on_disk["sanity_time_s"] > 0 and evaluated["sanity_time_s"] > 0
 
 
 def test_the_run_is_labelled_with_the_attack_chosen_on_the_command_line(tmp_path, capsys):

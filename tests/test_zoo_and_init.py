@@ -13,7 +13,7 @@ from advcli import models
 from advcli.data import dataset_info
 from advcli.errors import CheckpointError, ConfigError
 from advcli.evaluation import leaderboard
-from advcli.evaluation.evaluate import evaluate_checkpoint
+from advcli.evaluation.eval_command import evaluate_checkpoint
 from advcli.models import sources, zoo
 from advcli.runs import checkpoint
 from advcli.training.train import train

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from advcli.errors import ConfigError
 from advcli.runs.stats import wilson_interval
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[str], None]  # called with an attack's name each time it is done with a batch (a progress bar)
 
 
 def is_clean(attack: Attack) -> bool:
@@ -39,7 +40,7 @@ def with_interval(row: dict, hits: int, n: int) -> dict:
     return {**row, "acc": hits / n, "n": n, "ci95": list(wilson_interval(hits, n))}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Outcomes:
     """Per-example results of one pass: which examples each attack left correctly classified, the
     cross-entropy at each attack's output, the seconds each attack took (attack + forward) and how many
@@ -92,10 +93,11 @@ class Outcomes:
 
     def head(self, n: int) -> Outcomes:
         """The outcomes of the first ``n`` examples."""
-        return Outcomes(self.clean[:n], {k: v[:n] for k, v in self.correct.items()},
-                        {k: v[:n] for k, v in self.loss.items()}, dict(self.time_s),
-                        {k: v[:n] for k, v in self.flagged.items()},
-                        None if self.false_flags is None else self.false_flags[:n], dict(self.attacked), self.cascade)
+        return Outcomes(clean=self.clean[:n], correct={k: v[:n] for k, v in self.correct.items()},
+                        loss={k: v[:n] for k, v in self.loss.items()}, time_s=dict(self.time_s),
+                        flagged={k: v[:n] for k, v in self.flagged.items()},
+                        false_flags=None if self.false_flags is None else self.false_flags[:n],
+                        attacked=dict(self.attacked), cascade=self.cascade)
 
     def standing(self) -> torch.Tensor:
         """Which examples are correct without attack and under every attack, bool (N,)."""
@@ -106,19 +108,21 @@ class Outcomes:
 
     def then(self, cascade: Outcomes) -> Outcomes:
         """These outcomes (attacks run alone) followed by a cascade run on what they left standing, as one."""
-        return Outcomes(self.clean, {**self.correct, **cascade.correct}, {**self.loss, **cascade.loss},
-                        {**self.time_s, **cascade.time_s}, dict(self.flagged), self.false_flags,
-                        {**self.attacked, **cascade.attacked}, cascade=True)
+        return Outcomes(clean=self.clean, correct={**self.correct, **cascade.correct},
+                        loss={**self.loss, **cascade.loss}, time_s={**self.time_s, **cascade.time_s},
+                        flagged=dict(self.flagged), false_flags=self.false_flags,
+                        attacked={**self.attacked, **cascade.attacked}, cascade=True)
 
     def gathered(self) -> Outcomes:
         """Under torchrun: every rank's outcomes (each rank evaluated a contiguous share), in order."""
         names = list(self.attacked)
         counts = distributed.total_counts(*(self.attacked[k] for k in names), device=self.clean.device)
-        return Outcomes(distributed.gather(self.clean), {k: distributed.gather(v) for k, v in self.correct.items()},
-                        {k: distributed.gather(v) for k, v in self.loss.items()}, dict(self.time_s),
-                        {k: distributed.gather(v) for k, v in self.flagged.items()},
-                        None if self.false_flags is None else distributed.gather(self.false_flags),
-                        dict(zip(names, counts)), self.cascade)
+        return Outcomes(clean=distributed.gather(self.clean),
+                        correct={k: distributed.gather(v) for k, v in self.correct.items()},
+                        loss={k: distributed.gather(v) for k, v in self.loss.items()}, time_s=dict(self.time_s),
+                        flagged={k: distributed.gather(v) for k, v in self.flagged.items()},
+                        false_flags=None if self.false_flags is None else distributed.gather(self.false_flags),
+                        attacked=dict(zip(names, counts)), cascade=self.cascade)
 @dataclass
 class _Parts:
     """One pass's per-batch pieces, concatenated into `Outcomes` at the end."""
@@ -153,14 +157,16 @@ def _attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: At
     return logits.float(), time.perf_counter() - started
 
 
-def attack_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float, amp_dtype: torch.dtype | None = None,
-                    adversarial_class: bool = False) -> Outcomes:
+def attack_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float,
+                    amp_dtype: torch.dtype | None = None, adversarial_class: bool = False,
+                    step: Step | None = None) -> Outcomes:
     """Attack every batch with every attack and keep the per-example results (see `Outcomes`).
 
     Examples the model misclassifies without attack count as broken by every attack and are not
     attacked; the rest go to every attack. The model runs in eval mode and is left in the mode it came
     in, with its weights untouched. ``adversarial_class``: the model's last output means "adversarial
-    input"; record which inputs it flags. (Wrap ``batches`` in tqdm for a progress bar.)
+    input"; record which inputs it flags. ``step``: called after each attack on each batch (a progress bar's
+    update: len(attacks) steps a batch).
     """
     parts = _new_parts(attacks)
     with runtime.eval_mode(model):
@@ -188,6 +194,8 @@ def attack_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, At
                 parts.loss[name].append(loss)
                 if name in parts.flagged:
                     parts.flagged[name].append(flagged)
+                if step is not None:
+                    step(name)
     return parts.outcomes(next(model.parameters()).device, adversarial_class)
 
 
@@ -205,12 +213,14 @@ def margin_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def cascade_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, Attack], *, eps: float,
-                     standing: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None) -> Outcomes:
+                     standing: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
+                     step: Step | None = None) -> Outcomes:
     """Attack every batch with each attack in turn, each on every example the earlier ones left correctly
     classified, at its full budget (see the module's docstring). ``standing``: bool (N,) over all batches, the
     examples still standing before the first attack (e.g. after attacks that ran alone); default: those the
     model classifies correctly. ``correct[name]``: still correct after that attack and every one before it;
-    ``loss[name]``: the cross-entropy at the worst point found up to it (the highest-loss point kept so far)."""
+    ``loss[name]``: the cross-entropy at the worst point found up to it (the highest-loss point kept so far).
+    ``step``: as in `attack_outcomes`."""
     parts = _new_parts(attacks)
     offset = 0
     with runtime.eval_mode(model):
@@ -234,4 +244,6 @@ def cascade_outcomes(model: nn.Module, batches: Batches, attacks: Mapping[str, A
                     alive[live] = found.argmax(dim=1) == y[live]
                 parts.correct[name].append(alive.clone())
                 parts.loss[name].append(F.cross_entropy(worst, y, reduction="none"))
+                if step is not None:
+                    step(name)
     return parts.outcomes(next(model.parameters()).device, adversarial_class=False, cascade=True)

@@ -1,5 +1,5 @@
-"""What a run leaves for people: the results table, metrics.json, one-line epoch summaries, the plots, and
-`percent`, the one percent formatter.
+"""What a run leaves for people: the results table, metrics.json, one-line epoch summaries, the plots (the tables'
+layout and cell formats, `percent` among them, are `advcli.runs.tables`').
 
 Every test accuracy shown or written here carries its number of examples and a 95% Wilson score interval
 (`advcli.runs.stats`): read from the evaluation's ``n`` and ``ci95``, or, for a metrics.json written before
@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from advcli.config import format_eps, renamed_choice
+from advcli.runs import tables
 from advcli.runs.checkpoint import atomic_write
 from advcli.runs.stats import format_interval, wilson_interval
-
-
-def percent(value: float | None, *, digits: int = 2, sign: bool = True) -> str:
-    """A fraction as a percentage, ``0.8734`` -> ``87.34%``; ``-`` where there is no number (None or NaN).
-
-    ``digits`` after the point; ``sign=False`` leaves out the ``%`` (for a column whose title says it)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.{digits}f}" + ("%" if sign else "")
+from advcli.runs.tables import percent  # noqa: F401  (report.percent: where other wings have always found it)
 
 
 def examples_in(row: Mapping[str, Any], n: int | None = None) -> int | None:
@@ -73,42 +66,18 @@ def results_table(results: Mapping[str, Mapping[str, Any]], *, eps: float, norm:
 
     ``n``: the number of examples, for rows without their own ``n`` (an older metrics.json); without
     either the interval column shows ``-`` and the footnote is left out. ``cascade``: the attacks ran as a
-    cascade; an ``attacked`` column gives the examples each one ran on.
+    cascade; an ``attacked`` column gives the examples each one ran on. A cascade's rows share the loss at the
+    worst point kept so far: the column is then titled ``loss*`` and a line under the table says so.
 
     For a model with an "adversarial input" output (rows carry ``flagged``) two more columns: the
     fraction flagged (on clean inputs: false flags) and the accuracy with rejection (correct or
     flagged), then a line naming the worst case.
     """
     rejection = any("flagged" in row for row in results.values())
-    extra = f" {'flagged':>8} {'w/ reject':>9}" if rejection else ""
-    header = (f"{'attack':<12} {'eps':<16} {'norm':<5} {'steps':>5} {'restarts':>8} {'accuracy':>9} {'95% CI':>14} "
-              f"{'loss':>8}{extra}" + (f" {'attacked':>8}" if cascade else ""))
-    lines = [header, "-" * len(header)]
-    alone_above = False
-    for name, row in results.items():
-        if name == "any_attack":
-            continue
-        is_clean = row.get("attack") == "none"
-        if alone_above and row.get("in_cascade"):
-            lines.append(f"{'':<12} then a cascade on what those left standing, each attack on what the ones above "
-                         "it left (accuracy after it):")
-        alone_above = not is_clean and not row.get("in_cascade")
-        steps = "-" if is_clean else str(row.get("steps", row.get("queries", "-")))  # Square: one query a step
-        restarts = "-" if is_clean else str(row.get("restarts", "-"))
-        label = "0" if is_clean else format_eps(eps)
-        loss = row.get("loss")
-        loss_text = "-" if loss is None else f"{loss:.4f}"
-        more = f" {percent(row.get('flagged')):>8} {percent(row.get('acc_with_rejection')):>9}" if rejection else ""
-        # on the clean row "flagged" is the false-flag rate
-        attacked = f" {'-' if is_clean else str(row.get('attacked', '-')):>8}" if cascade else ""
-        lines.append(f"{name:<12} {label:<16} {'-' if is_clean else norm:<5} {steps:>5} {restarts:>8} "
-                     f"{percent(row.get('acc')):>9} {interval_text(accuracy_interval(row, n)):>14} {loss_text:>8}{more}"
-                     f"{attacked}")
+    shared_loss = any(row.get("in_cascade") for row in results.values())
+    lines = tables.text_table(_result_columns(rejection=rejection, cascade=bool(cascade), shared_loss=shared_loss),
+                              _result_rows(results, eps=eps, norm=norm, n=n, rejection=rejection, cascade=cascade))
     worst = results.get("any_attack", {})
-    if "any_attack" in results:
-        more = f" {'':>8} {percent(worst.get('acc_with_rejection')):>9}" if rejection else ""
-        lines.append(f"{'any attack':<12} {format_eps(eps):<16} {norm:<5} {'':>5} {'':>8} "
-                     f"{percent(worst.get('acc')):>9} {interval_text(accuracy_interval(worst, n)):>14} {'':>8}{more}")
     if rejection and "worst_attack" in worst:
         name = worst["worst_attack"]
         quoted = interval_text(accuracy_interval(worst, n, key="acc_with_rejection"))
@@ -120,10 +89,55 @@ def results_table(results: Mapping[str, Mapping[str, Any]], *, eps: float, norm:
         lines.append("gradients misled (the attacks after the first broke more than evaluation.escalate.when of what it "
                      "left): " + "; ".join(f"{name} ran with {_settings_text(row.get('escalated_settings', {}))} on "
                                            f"{row['escalated']} examples" for name, row in escalated.items()))
+    if shared_loss:
+        lines.append(SHARED_LOSS_NOTE)
     shown = [row for row in results.values() if accuracy_interval(row, n) is not None]
     if shown:
         lines.append(interval_footnote({examples_in(row, n) for row in shown} - {None}))
     return "\n".join(lines)
+
+
+SHARED_LOSS_NOTE = ("loss*: the mean cross-entropy at each attack's output; in the cascade, at the worst point kept so "
+                    "far (the attacks above it included), so it repeats where an attack found no worse point")
+CASCADE_NOTE = (f"{'':<12} then a cascade on what those left standing, each attack on what the ones above it left "
+                "(accuracy after it):")
+
+
+def _result_columns(*, rejection: bool, cascade: bool, shared_loss: bool) -> list[tables.Column]:
+    Column = tables.Column
+    return [Column("attack", width=12), Column("eps", width=16), Column("norm", width=5),
+            Column("steps", right=True, width=5), Column("restarts", right=True, width=8),
+            Column("accuracy", right=True, width=9), Column("95% CI", right=True, width=14),
+            Column("loss*" if shared_loss else "loss", right=True, width=8),
+            *([Column("flagged", right=True, width=8), Column("w/ reject", right=True, width=9)] if rejection else []),
+            *([Column("attacked", right=True, width=8)] if cascade else [])]
+
+
+def _result_rows(results: Mapping[str, Mapping[str, Any]], *, eps: float, norm: str, n: int | None,
+                 rejection: bool, cascade: bool | None) -> list[tables.Row]:
+    """The results table's rows: one per attack (the cascade's note above its first row), then ``any attack``."""
+    rows: list[tables.Row] = []
+    alone_above = False
+    for name, row in results.items():
+        if name == "any_attack":
+            continue
+        is_clean = row.get("attack") == "none"
+        if alone_above and row.get("in_cascade"):
+            rows.append(CASCADE_NOTE)
+        alone_above = not is_clean and not row.get("in_cascade")
+        steps = "-" if is_clean else str(row.get("steps", row.get("queries", "-")))  # Square: one query a step
+        # on the clean row "flagged" is the false-flag rate
+        rows.append([name, "0" if is_clean else format_eps(eps), "-" if is_clean else norm, steps,
+                     "-" if is_clean else str(row.get("restarts", "-")), percent(row.get("acc")),
+                     interval_text(accuracy_interval(row, n)), tables.fixed(row.get("loss"), 4),
+                     *([percent(row.get("flagged")), percent(row.get("acc_with_rejection"))] if rejection else []),
+                     *(["-" if is_clean else str(row.get("attacked", "-"))] if cascade else [])])
+    if "any_attack" in results:
+        worst = results["any_attack"]
+        rows.append(["any attack", format_eps(eps), norm, "", "", percent(worst.get("acc")),
+                     interval_text(accuracy_interval(worst, n)), "",
+                     *(["", percent(worst.get("acc_with_rejection"))] if rejection else [])])
+    return rows
 
 
 EVALUATION_NOTES = {
@@ -198,10 +212,10 @@ def curve_table(curve: list[Mapping[str, Any]], *, norm: str, n: int | None = No
     names = curve_columns(curve)
     cells = [[accuracy_text(point["test"][name], n) for name in names] for point in curve]
     width = max(10, *(len(name) for name in names), *(len(cell) for row in cells for cell in row))
-    header = f"{'eps (' + norm + ')':<16} " + " ".join(f"{name.replace('_', ' '):>{width}}" for name in names)
-    lines = [header, "-" * len(header)]
-    for point, row in zip(curve, cells):
-        lines.append(f"{format_eps(point['eps']) if point['eps'] else '0':<16} " + " ".join(f"{c:>{width}}" for c in row))
+    columns = [tables.Column(f"eps ({norm})", width=16),
+               *(tables.Column(name.replace("_", " "), right=True, width=width) for name in names)]
+    lines = tables.text_table(columns, [[format_eps(point["eps"]) if point["eps"] else "0", *row]
+                                        for point, row in zip(curve, cells)])
     counts = {examples_in(p["test"][name], n) for p in curve for name in names} - {None}
     if counts:
         lines.append(interval_footnote(counts))

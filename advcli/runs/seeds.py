@@ -15,9 +15,13 @@ Wilson interval stays in the per-job summary, ``advcli summarize --per-job``).
 from __future__ import annotations
 
 import statistics
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
 
 from advcli.config import fingerprint_id, flatten, NOT_IN_FINGERPRINT
+from advcli.runs import tables
+from advcli.runs.stats import is_number
 
 TIMES = ("train_time_s", "eval_time_s")  # averaged besides every accuracy column
 SHARED = ("dataset", "model", "attack", "eps", "eps_value", "evaluation")  # the same in every job of a group
@@ -28,10 +32,21 @@ def ignored(key: str) -> bool:
     return key == "seed" or any(key == left or key.startswith(left + ".") for left in NOT_IN_FINGERPRINT)
 
 
-def settings_id(run_config: Mapping[str, Any]) -> str:
-    """A hash of a job's whole config less its seed and the settings that change no result: jobs with the same id
-    differ only in their seed."""
-    return fingerprint_id({k: v for k, v in flatten(run_config).items() if not ignored(k)})
+def settings_id(run_config: Any) -> str:
+    """A hash of a job's whole config, resolved, less its seed and the settings that change no result: jobs with the
+    same id differ only in their seed.
+
+    The one id of a run: ``advcli train`` passes the config it runs with (metrics.json), a sweep's summary the job's
+    ``.hydra/config.yaml`` (unresolved, as Hydra saves it); both resolve it here, so ``optimizer.lr: ${lr}`` counts
+    as its value either way. The left-out settings are blanked before resolving: they may name the environment or
+    Hydra's runtime (``${oc.env:...}``), which a later ``advcli summarize`` does not share."""
+    tree = OmegaConf.to_container(run_config, resolve=False) if OmegaConf.is_config(run_config) else dict(run_config)
+    node = OmegaConf.create(tree)
+    for key in flatten(tree):
+        if ignored(key):
+            OmegaConf.update(node, key, None, merge=False)
+    return fingerprint_id({k: v for k, v in flatten(OmegaConf.to_container(node, resolve=True)).items()
+                           if not ignored(k)})
 
 
 def settings_key(row: dict[str, Any]) -> tuple | None:
@@ -63,7 +78,8 @@ def group(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN: no number
+    """A value a mean over seeds can take: NaN (a diverged seed's accuracy) is left out, not averaged in."""
+    return is_number(value, nan_is_number=False)
 
 
 def statistic_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -111,8 +127,5 @@ def is_grouped(rows: Sequence[dict[str, Any]]) -> bool:
 
 def mean_text(row: dict[str, Any], column: str) -> str:
     """``87.1 ± 0.4 (n=3)`` in percent points for a fraction column; ``87.1 (n=1)`` for one seed; ``-`` for none."""
-    mean, spread = row.get(f"{column}_mean"), row.get(f"{column}_std")
-    if not _number(mean):
-        return "-"
-    shown = f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if _number(spread) else "")
-    return f"{shown} (n={row.get(f'{column}_n', row['n_seeds'])})"
+    return tables.mean_spread(row.get(f"{column}_mean"), row.get(f"{column}_std"),
+                              row.get(f"{column}_n", row.get("n_seeds")))

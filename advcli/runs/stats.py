@@ -10,11 +10,13 @@ check both against scipy.
 - `mcnemar_p_value(b, c)`: two accuracies on the *same* examples differ only through the examples one got
   right and the other wrong (``b`` and ``c``); the exact test asks whether ``b`` vs ``c`` could be a fair coin.
   This is far more sensitive than comparing two intervals, which ignores that the examples are shared.
+- `is_number(value, nan_is_number=...)`: the one test of what a result file's value counts as a number.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from statistics import NormalDist
 
 
@@ -66,3 +68,11 @@ def outside_noise(only_a: int, only_b: int, alpha: float = 0.05) -> bool:
 def format_interval(low: float, high: float, digits: int = 1) -> str:
     """An interval of fractions in percent points, ``(0.862, 0.891)`` -> ``[86.2, 89.1]``."""
     return f"[{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
+
+
+def is_number(value: object, *, nan_is_number: bool) -> bool:
+    """Whether ``value`` is a real number (a bool is not). ``nan_is_number`` is the caller's choice, made at every
+    call: a mean over seeds must leave NaN out (False), a tracker logs it so a diverged run shows (True)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    return nan_is_number or not math.isnan(value)

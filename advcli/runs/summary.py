@@ -23,16 +23,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from advcli.errors import SweepError
-from advcli.runs import seeds
-from advcli.runs.report import percent
+from advcli.runs import seeds, tables
 from advcli.runs.stats import format_interval
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 IDENTITY = ("dataset", "model", "attack", "eps")  # always known per job; never repeated as override columns
 
 def _pct(value: Any) -> str:
-    return percent(value if isinstance(value, (int, float)) else None, sign=False)
-
+    return tables.percent(value if isinstance(value, (int, float)) else None, sign=False)
 
 
 def attack_names(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -111,18 +109,9 @@ def common_and_varying(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[
     return common_text, varying
 
 
-def render(header: list[str], body: list[list[str]], numeric: Sequence[str]) -> str:
-    """A markdown table padded so it reads in a terminal too; the ``numeric`` columns (by title, or any title
-    ending in ``%``) right-aligned."""
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    right = {i for i, title in enumerate(header) if title.endswith("%") or title in numeric}
-
-    def fmt(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(header), rule, *map(fmt, body)])
+def columns_of(titles: Sequence[str], numeric: Sequence[str]) -> list[tables.Column]:
+    """The summary's columns: right-aligned those of numbers (``numeric`` titles, and any title ending in ``%``)."""
+    return [tables.Column(title, right=title.endswith("%") or title in numeric) for title in titles]
 
 
 def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
@@ -140,11 +129,11 @@ def table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
     for row in rows:
         interval = _interval(row, headline(names))
         accuracies = [_pct(row.get(f"{n}_acc")) for n in names]
-        accuracies.insert(at, "-" if interval is None else format_interval(*interval))
+        accuracies.insert(at, tables.MISSING if interval is None else format_interval(*interval))
         body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
-                     *[str(_cell(row, key)) for key in varying], str(row.get("n", "-")), *accuracies,
-                     "-" if row.get("train_time_s") is None else f"{row['train_time_s']:.1f}"])
-    return render(header, body, ("job", "n", "95% CI", "train s")), common_text
+                     *[str(_cell(row, key)) for key in varying], str(row.get("n", tables.MISSING)), *accuracies,
+                     tables.fixed(row.get("train_time_s"), 1)])
+    return tables.markdown_table(columns_of(header, ("job", "n", "95% CI", "train s")), body), common_text
 
 
 def group_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
@@ -156,12 +145,11 @@ def group_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
               "train s"]
     body = []
     for row in rows:
-        train_s = row.get("train_time_s_mean")
         body.append([str(_cell(row, "job")), row["status"], str(_cell(row, "attack")), str(_cell(row, "eps")),
-                     *[str(_cell(row, key)) for key in varying], row["seeds"] or "-", str(row.get("n") or "-"),
+                     *[str(_cell(row, key)) for key in varying], row["seeds"] or tables.MISSING, str(row.get("n") or tables.MISSING),
                      *[seeds.mean_text(row, f"{n}_acc") for n in names],
-                     "-" if train_s is None else f"{train_s:.1f}"])
-    return render(header, body, ("n", "train s")), common_text
+                     tables.fixed(row.get("train_time_s_mean"), 1)])
+    return tables.markdown_table(columns_of(header, ("n", "train s")), body), common_text
 
 
 def format_duration(seconds: float) -> str:

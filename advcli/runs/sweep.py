@@ -163,7 +163,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     metrics = _read_json(run_dir / METRICS_FILE) if _fresh(run_dir / METRICS_FILE, marker_path) else None
     failure = _read_json(run_dir / FAILED_FILE) if _fresh(run_dir / FAILED_FILE, marker_path) else None
     job_cfg = _job_config(run_dir)
-    row["settings_id"] = (seeds.settings_id(OmegaConf.to_container(job_cfg, resolve=False)) if job_cfg is not None
+    row["settings_id"] = (seeds.settings_id(job_cfg) if job_cfg is not None
                           else (metrics or {}).get("settings_id"))  # the same settings less the seed: the same id
     if metrics:
         row.update(status="ok", dataset=metrics.get("dataset"), model=metrics.get("model"),

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from advcli import config
 from advcli.errors import one_paragraph, ConfigError, Interrupted, TrackingError, UserError
 from advcli.runs import loggers, paths, report
+from advcli.runs.stats import is_number
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def check(cfg: Any) -> None:
 # --- what is logged -------------------------------------------------------------------------------------
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A value a tracker logs: NaN included, so a diverged run shows as one."""
+    return is_number(value, nan_is_number=True)
 
 
 def epoch_metrics(entry: Mapping[str, Any]) -> dict[str, float]:

@@ -14,7 +14,7 @@ No finished work is lost: SIGINT/SIGTERM finish the current batch and save a mid
 running the same command again in the same run directory (or with ``resume=PATH``) continues exactly
 where the run stopped; a finished run only shows its results again.
 
-Run ``python -m advcli.training.train`` or ``advcli train`` with Hydra overrides, e.g. ``attack=pgd eps=8/255``.
+Run ``advcli train`` (or ``python -m advcli train``) with Hydra overrides, e.g. ``attack=pgd eps=8/255``.
 """
 
 from __future__ import annotations
@@ -236,11 +236,12 @@ def final_evaluation(run: Run, state: TrainingState, started: float) -> dict[str
         "evaluation": settings.preset, "cascade": settings.cascade, "test": found.results, "history": state.history,
         "train_time_s": train_time,
         "eval_time_s": time.perf_counter() - eval_start, "wall_time_s": time.perf_counter() - started,
+        "attack_time_s": found.attack_time_s, "sanity_time_s": found.sanity_time_s,  # as advcli eval records them
         "device": str(run.test_set.images.device), "precision": run.fingerprint["amp"], "torch": torch.__version__,
         "checkpoint": str(run.out / "checkpoint.pt"), "best_checkpoint": str(run.out / "best.pt"),
         "sanity": found.sanity, "overfit_guard": state.stopped or {"triggered": False},
         "fingerprint": config.fingerprint_id(run.fingerprint),
-        "settings_id": seeds.settings_id(config.plain(cfg)),  # the same for runs that differ only in their seed
+        "settings_id": seeds.settings_id(cfg),  # the same for runs that differ only in their seed
     }
     if warning:
         metrics["warnings"] = [warning]
