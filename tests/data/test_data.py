@@ -30,7 +30,7 @@ from advcli.data import (
 )
 from advcli.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
 DATA_ROOT = os.environ.get("ADVCLI_DATA") or os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
 
 
