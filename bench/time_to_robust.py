@@ -16,6 +16,7 @@ eps = 0.3 under AutoAttack for comparison. Runs are kept under --out: a second c
     python bench/time_to_robust.py                                  # every preset, seeds 0 1 2 (about an hour)
     python bench/time_to_robust.py --presets fast --seeds 0         # one run
     python bench/time_to_robust.py --presets default --extra model.width=2   # a variant (own folder)
+    python bench/time_to_robust.py --presets fast --no-default       # training time and AutoAttack only
 """
 
 from __future__ import annotations
@@ -69,14 +70,18 @@ def evaluated(run: Path, name: str, n: int, overrides: list[str]) -> dict:
     return json.loads((where / "metrics.json").read_text())
 
 
-def measure(run: Path, overrides: list[str], n: int) -> dict[str, float]:
+def measure(run: Path, overrides: list[str], n: int, with_default: bool = True) -> dict[str, float]:
     training = trained(run, overrides)
-    same = training["evaluation"] == "default" and training["num_test"] == n  # the run's own final evaluation
-    ours = training if same else evaluated(run, "default", n, ["evaluation=default", "evaluation.sanity.enabled=false"])
     theirs = evaluated(run, "autoattack", n, AUTOATTACK)
-    return {"train s": training["train_time_s"], "all-in s": training["all_in_s"],
-            "clean": 100 * ours["test"]["clean"]["acc"], "default": 100 * ours["test"]["any_attack"]["acc"],
-            "AutoAttack": 100 * theirs["test"]["any_attack"]["acc"]}
+    found = {"train s": training["train_time_s"], "all-in s": training["all_in_s"],
+             "clean": 100 * theirs["test"]["clean"]["acc"], "default": float("nan"),
+             "AutoAttack": 100 * theirs["test"]["any_attack"]["acc"]}
+    if with_default:
+        same = training["evaluation"] == "default" and training["num_test"] == n  # the run's own final evaluation
+        ours = training if same else evaluated(run, "default", n, ["evaluation=default",
+                                                                   "evaluation.sanity.enabled=false"])
+        found["default"] = 100 * ours["test"]["any_attack"]["acc"]
+    return found
 
 
 def spread(values: list[float]) -> str:
@@ -89,18 +94,22 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["default", "fast", "strong"], choices=list(PRESETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=1000, help="test examples for the robust columns (the first N)")
+    parser.add_argument("--no-default", action="store_true",
+                        help="skip the default-evaluation column (N images through advcli's default evaluation: "
+                             "minutes per run on a CPU); the run's own final evaluation still runs")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every preset (a variant)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "time_to_robust")
     args = parser.parse_args()
     print(describe_machine())
     variant = "-".join(o.replace("=", "_").replace("/", "_") for o in args.extra)
-    columns = ["train s", "all-in s", "clean", "default", "AutoAttack"]
+    columns = ["train s", "all-in s", "clean", *([] if args.no_default else ["default"]), "AutoAttack"]
     rows = []
     for preset in args.presets:
         per_seed = []
         for seed in args.seeds:
             run = args.out / "-".join(filter(None, [preset, variant, f"seed{seed}"]))
-            per_seed.append(measure(run, [*PRESETS[preset], *args.extra, f"seed={seed}"], args.n))
+            per_seed.append(measure(run, [*PRESETS[preset], *args.extra, f"seed={seed}"], args.n,
+                                    with_default=not args.no_default))
             print(f"    {preset} seed {seed}: " + ", ".join(f"{k} {v:.1f}" for k, v in per_seed[-1].items()), flush=True)
         rows.append((preset, per_seed))
     print(f"\nMNIST, eps = 0.3 (L-inf); clean and robust accuracy (%) on the first {args.n} test images; mean ± "
