@@ -177,8 +177,8 @@ class AdversarialClass(Objective):
 
     Per example the loss is (1 - adv_weight) * CE(f(x), y) + adv_weight * CE(f(x'), K). The attack is
     the usual one on the true-class loss, blind to the extra class, as in the papers that report this
-    defence strong; adaptive attacks (PGD with `loss=rejection_margin`, `advcli.attacks.rejection_margin`) get around it. Training
-    accuracy counts both halves against their own labels.
+    defence strong; adaptive attacks (PGD with `loss=rejection_margin`, `advcli.attacks.rejection_margin`) get
+    around it. Training accuracy counts both halves against their own labels.
     """
 
     extra_outputs = 1
